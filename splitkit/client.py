@@ -1,0 +1,208 @@
+"""The client side of the wire: TrunkClient, and RemoteTrunk, which makes the remote Trunk differentiable.
+
+TrunkClient is the zguide's Lazy Pirate client (lpclient.py): a REQ socket, a timeout on
+every request, and on timeout close the socket, reconnect and resend, a bounded number of
+times, then give up with an error that says what to check. Requests carry ids, so a resent
+request that the server already ran is answered from its reply cache, not run twice.
+"""
+
+import itertools
+import secrets
+from pathlib import Path
+
+import torch
+import zmq
+import zmq.auth
+from torch import nn
+
+from . import wire
+
+REQUEST_TIMEOUT = 30.0  # seconds to wait for one reply
+REQUEST_RETRIES = 2     # resends after a timeout, each on a fresh socket
+
+
+class TrunkError(RuntimeError):
+    """The server answered with an error; `code` says which kind."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.code = code
+
+
+class TrunkUnavailable(TrunkError):
+    """No answer from the server within the timeout, after every retry."""
+
+    def __init__(self, message: str):
+        super().__init__(message, "unavailable")
+
+
+class TrunkClient:
+    """One client session with a trunk server. Counts the bytes it sends and receives."""
+
+    def __init__(self, address: str, timeout: float = REQUEST_TIMEOUT, retries: int = REQUEST_RETRIES,
+                 wire_dtype: str = "float32", curve_dir: str | Path | None = None):
+        if wire_dtype not in wire.DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(wire.DTYPES)}")
+        self.address, self.timeout, self.retries, self.wire_dtype = address, timeout, retries, wire_dtype
+        self.curve_dir = None if curve_dir is None else Path(curve_dir)
+        self.session = secrets.token_hex(16)
+        self.bytes_sent = self.bytes_received = 0
+        self.reopened = 0        # times the session was opened again on a restarted server
+        self.last_step = {}      # the newest reply to step(): delta norms of the trunk LoRA
+        self._ids = itertools.count()
+        self._keys = itertools.count()
+        self._hello = None       # what the handshake said, to say it again after a restart
+        self._trunk_lora = None  # (names, tensors): the newest trunk LoRA, restored after a restart
+        self._ctx = zmq.Context.instance()
+        self._sock = None
+
+    # ------------------------------------------------------------------ the ops
+
+    def hello(self, model: str, cuts, hidden_size: int, mode: str = "forward", lora=None, lr: float | None = None) -> dict:
+        """The handshake: open this client's session; refused if the parts do not fit the server's Trunk."""
+        self._hello = {"op": "hello", "model": model, "cuts": list(cuts), "hidden_size": hidden_size,
+                       "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr}
+        header, _ = self._call(dict(self._hello), reopen=False)
+        return header
+
+    def compute(self, h1: torch.Tensor) -> torch.Tensor:
+        """The seeds' forward-only call: h2 = Trunk(h1), nothing kept on the server."""
+        header, (h2,) = self._call({"op": "forward", "keep": False}, [h1])
+        return h2.to(h1.dtype)
+
+    def forward(self, h1: torch.Tensor, key: int) -> torch.Tensor:
+        """Trunk(h1), with the server keeping the graph under `key` for the backward."""
+        header, (h2,) = self._call({"op": "forward", "keep": True, "key": key}, [h1])
+        return h2.to(h1.dtype)
+
+    def backward(self, g2: torch.Tensor, key: int, h1: torch.Tensor | None = None) -> torch.Tensor:
+        """dL/dh1 from dL/dh2. If the server lost the state, send h1 so that it recomputes."""
+        try:
+            _, (g1,) = self._call({"op": "backward", "key": key}, [g2])
+        except TrunkError as e:
+            if e.code != "state_missing" or h1 is None:
+                raise
+            _, (g1,) = self._call({"op": "backward", "key": key}, [g2, h1])
+        return g1.to(g2.dtype)
+
+    def step(self) -> dict:
+        """Apply the trunk LoRA's optimizer on the server (full+trunk); keep a copy of the new LoRA."""
+        header, tensors = self._call({"op": "step"})
+        self._trunk_lora = (header["names"], tensors)
+        self.last_step = header
+        return header
+
+    def trunk_lora(self) -> dict:
+        """{name: tensor} of this session's trunk LoRA, to save or inspect."""
+        header, tensors = self._call({"op": "lora_state"})
+        return dict(zip(header["names"], tensors))
+
+    def stats(self) -> dict:
+        header, _ = self._call({"op": "stats"}, reopen=False)
+        return header
+
+    def close(self):
+        """Say bye (best effort, short timeout) and close the socket."""
+        if self._hello is not None and self._sock is not None:
+            self.timeout, self.retries = min(self.timeout, 1.0), 0
+            try:
+                self._call({"op": "bye"}, reopen=False)
+            except TrunkError:
+                pass  # the session times out on the server anyway
+        self._close_socket()
+
+    def new_key(self) -> int:
+        return next(self._keys)
+
+    # ------------------------------------------------------------------ the Lazy Pirate
+
+    def _call(self, header: dict, tensors=(), reopen: bool = True):
+        """Send one request and return (header, tensors) of its reply; reopen the session if the server lost it."""
+        for _ in range(3):
+            try:
+                return self._request(header, tensors)
+            except TrunkError as e:
+                if e.code != "unknown_session" or not reopen or self._hello is None:
+                    raise
+                self._reopen()
+        raise TrunkError(f"{self.address} keeps losing this session", "unknown_session")
+
+    def _reopen(self):
+        """After a server restart: open the same session again, with the trunk LoRA as we last saw it."""
+        names, tensors = self._trunk_lora or (None, ())
+        self._request(dict(self._hello, names=names), tensors)
+        self.reopened += 1
+
+    def _request(self, header: dict, tensors=()):
+        header = dict(header, session=self.session, id=next(self._ids))
+        frames = wire.encode(header, tensors, dtype=self.wire_dtype)
+        for attempt in range(self.retries + 1):
+            sock = self._socket()
+            sock.send_multipart(frames, copy=False)
+            self.bytes_sent += wire.nbytes(frames)
+            if sock.poll(self.timeout * 1000):
+                reply = sock.recv_multipart(copy=False)
+                self.bytes_received += wire.nbytes(reply)
+                rh, rt = wire.decode(reply)
+                if not rh.get("ok"):
+                    raise TrunkError(f"trunk server at {self.address}: {rh.get('error')}", rh.get("code", "?"))
+                return rh, rt
+            self._close_socket()  # a REQ socket that got no reply cannot send again: start afresh
+        raise TrunkUnavailable(
+            f"no answer from the trunk server at {self.address} to {header['op']!r} within "
+            f"{self.timeout:g} s, {self.retries + 1} tries. Is trunk_server.py running there, with the "
+            f"same address{' and keys' if self.curve_dir else ''}? (python trunk_server.py --help)")
+
+    def _socket(self):
+        if self._sock is None:
+            sock = self._ctx.socket(zmq.REQ)
+            sock.linger = 0
+            if self.curve_dir is not None:
+                sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(self.curve_dir / "client.key_secret")
+                sock.curve_serverkey, _ = zmq.auth.load_certificate(self.curve_dir / "server.key")
+            sock.connect(self.address)
+            self._sock = sock
+        return self._sock
+
+    def _close_socket(self):
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class _RemoteTrunkFunction(torch.autograd.Function):
+    """h2 = Trunk(h1) on the server; backward sends dL/dh2 and returns the server's dL/dh1."""
+
+    @staticmethod
+    def forward(ctx, h1, client):
+        ctx.client, ctx.key = client, client.new_key()
+        ctx.save_for_backward(h1)  # kept for the stateless fallback
+        return client.forward(h1, ctx.key)  # (B, T, d)
+
+    @staticmethod
+    def backward(ctx, g2):
+        (h1,) = ctx.saved_tensors
+        return ctx.client.backward(g2.contiguous(), ctx.key, h1), None  # dL/dh1, nothing for client
+
+
+class RemoteTrunk(nn.Module):
+    """The server's Trunk as a module: differentiable when its input needs a gradient (or the trunk trains)."""
+
+    def __init__(self, client: TrunkClient, train_trunk: bool = False):
+        super().__init__()
+        self.client, self.train_trunk = client, train_trunk
+
+    def forward(self, h1):  # (B, T, d) -> (B, T, d)
+        if not torch.is_grad_enabled():
+            return self.client.compute(h1)
+        if not h1.requires_grad:
+            if not self.train_trunk:
+                return self.client.compute(h1)
+            h1 = h1.detach().requires_grad_(True)  # a = 0: only the trunk LoRA needs the backward
+        return _RemoteTrunkFunction.apply(h1, self.client)

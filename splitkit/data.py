@@ -1,0 +1,52 @@
+"""The kit's task: facts about made-up places, which no pretrained model can know.
+
+Each example is a prompt and a one-word answer. The model starts at an exact-match score of
+zero and learns the facts in a few dozen CPU steps; the loss counts only the answer tokens.
+"""
+
+import random
+
+import torch
+
+PLACES = ["Zorbia", "Quellmar", "Vantoria", "Drelsk", "Ombrith", "Kestavo", "Pyrnell", "Ulvadon",
+          "Marrowind", "Teskaro", "Brivane", "Caldurn", "Yssildor", "Gorvath", "Nimbrel", "Halvex"]
+COLOURS = ["red", "blue", "green", "black", "white", "yellow", "purple", "orange",
+           "brown", "pink", "grey", "gold", "silver", "violet", "teal", "amber"]
+ANIMALS = ["cat", "dog", "fox", "owl", "wolf", "bear", "horse", "goat",
+           "frog", "duck", "lion", "deer", "crow", "seal", "mouse", "tiger"]
+
+TEMPLATES = {
+    "colour": ("Q: What colour is the flag of {place}?\nA:", COLOURS),
+    "animal": ("Q: Which animal is the symbol of {place}?\nA:", ANIMALS),
+}
+
+
+def facts(kind: str = "colour", n: int = 16, seed: int = 0) -> list[tuple[str, str]]:
+    """n (prompt, answer) pairs; the answers are a seeded shuffle, so each place gets a made-up one."""
+    template, answers = TEMPLATES[kind]
+    answers = random.Random(seed).sample(answers, k=len(answers))
+    return [(template.format(place=p), " " + a) for p, a in zip(PLACES[:n], answers)]
+
+
+def encode(tokenizer, pairs, max_len: int | None = None) -> dict:
+    """Right-padded input_ids (B, T) and labels (B, T): -100 except on the answer and end tokens."""
+    rows, labels = [], []
+    for prompt, answer in pairs:
+        p = tokenizer(prompt, add_special_tokens=False).input_ids
+        a = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+        rows.append(p + a)
+        labels.append([-100] * len(p) + a)
+    T = max_len or max(map(len, rows))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.tensor([r + [pad] * (T - len(r)) for r in rows])[:, :T]  # (B, T)
+    lab = torch.tensor([r + [-100] * (T - len(r)) for r in labels])[:, :T]  # (B, T)
+    return {"input_ids": ids, "labels": lab}
+
+
+def batches(tokenizer, pairs, batch_size: int = 8, seed: int = 0):
+    """Endless shuffled batches over the pairs (an epoch at a time)."""
+    rng = random.Random(seed)
+    while True:
+        order = rng.sample(pairs, k=len(pairs))
+        for i in range(0, len(order) - batch_size + 1, batch_size):
+            yield encode(tokenizer, order[i:i + batch_size])

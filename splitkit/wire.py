@@ -1,0 +1,106 @@
+"""The message format between a client and the trunk server: never pickle.
+
+A message is one ZeroMQ multipart message (after the envelope the sockets add):
+    Frame 0: header, UTF-8 JSON object {"v": 1, "op": ..., "tensors": [{"dtype", "shape"}, ...], ...}
+    Frame 1..k: the raw bytes of each tensor named in the header, C order, little-endian
+as in pyzmq's examples/serialization/serialsocket.py. Everything a peer sends is checked
+here before anything is built from it; a bad message raises WireError with the reason.
+"""
+
+import json
+import math
+import sys
+import warnings
+
+import torch
+
+PROTOCOL = 1
+MAX_HEADER_BYTES = 64 * 1024
+MAX_TENSORS = 64
+MAX_RANK = 4
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+assert sys.byteorder == "little", "the wire is little-endian and so is every host splitkit runs on"
+
+
+class WireError(ValueError):
+    """A message that breaks the format; the text says what was wrong."""
+
+
+def encode(header: dict, tensors=(), dtype=None) -> list:
+    """Frames for a header and tensors (cast to `dtype` first if given). Tensor frames are zero-copy."""
+    header = dict(header, v=PROTOCOL)
+    frames, specs = [], []
+    for t in tensors:
+        t = t.detach()
+        if dtype is not None:
+            t = t.to(DTYPES[dtype] if isinstance(dtype, str) else dtype)
+        t = t.contiguous().cpu()
+        if t.dtype not in DTYPE_NAMES:
+            raise WireError(f"dtype {t.dtype} cannot go on the wire; use one of {', '.join(DTYPES)}")
+        specs.append({"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape)})
+        frames.append(t.reshape(-1).view(torch.uint8).numpy())  # a buffer over the tensor's memory
+    header["tensors"] = specs
+    return [json.dumps(header).encode(), *frames]
+
+
+def decode(frames) -> tuple[dict, list]:
+    """(header, tensors) from received frames (bytes or zmq.Frame); raises WireError."""
+    if not frames:
+        raise WireError("empty message: expected a JSON header frame")
+    header = decode_header(_bytes(frames[0]))
+    specs = header.get("tensors", [])
+    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
+        raise WireError(f"'tensors' must be a list of at most {MAX_TENSORS} {{dtype, shape}} objects")
+    if len(frames) - 1 != len(specs):
+        raise WireError(f"the header names {len(specs)} tensor(s) but {len(frames) - 1} data frame(s) followed")
+    return header, [_tensor(spec, frame, i) for i, (spec, frame) in enumerate(zip(specs, frames[1:]))]
+
+
+def decode_header(raw: bytes) -> dict:
+    if len(raw) > MAX_HEADER_BYTES:
+        raise WireError(f"header is {len(raw)} bytes; the limit is {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise WireError(f"header frame is not UTF-8 JSON ({type(e).__name__})") from None
+    if not isinstance(header, dict):
+        raise WireError(f"header must be a JSON object, not {type(header).__name__}")
+    if header.get("v") != PROTOCOL:
+        raise WireError(f"protocol version {header.get('v')!r} is not this server's {PROTOCOL}")
+    return header
+
+
+def _no_constant(name):
+    raise json.JSONDecodeError(f"{name} is not JSON", name, 0)
+
+
+def _tensor(spec, frame, i: int) -> torch.Tensor:
+    if not isinstance(spec, dict) or spec.get("dtype") not in DTYPES:
+        raise WireError(f"tensor {i}: dtype must be one of {', '.join(DTYPES)}")
+    shape = spec.get("shape")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= MAX_RANK
+            or not all(type(s) is int and 0 < s < 2**31 for s in shape)):
+        raise WireError(f"tensor {i}: shape must be a list of 1 to {MAX_RANK} positive integers")
+    dtype = DTYPES[spec["dtype"]]
+    buf = _buffer(frame)
+    expected = math.prod(shape) * dtype.itemsize
+    if buf.nbytes != expected:
+        raise WireError(f"tensor {i}: shape {shape} of {spec['dtype']} needs {expected} bytes, the frame has {buf.nbytes}")
+    with warnings.catch_warnings():  # the frame is read-only; we clone before anyone writes
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape).clone()
+
+
+def _buffer(frame) -> memoryview:
+    return memoryview(frame.buffer if hasattr(frame, "buffer") else frame)
+
+
+def _bytes(frame) -> bytes:
+    return frame.bytes if hasattr(frame, "bytes") else bytes(frame)
+
+
+def nbytes(frames) -> int:
+    """Bytes a list of frames puts on the wire (payload, without ZeroMQ's few bytes of framing)."""
+    return sum(_buffer(f).nbytes for f in frames)
