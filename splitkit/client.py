@@ -8,6 +8,7 @@ request that the server already ran is answered from its reply cache, not run tw
 
 import itertools
 import secrets
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ class TrunkClient:
         self.bytes_sent = self.bytes_received = 0
         self.reopened = 0        # times the session was opened again on a restarted server
         self.last_step = {}      # the newest reply to step(): delta norms of the trunk LoRA
+        self.messages = deque(maxlen=1000)  # what crossed the wire: op, shapes and bytes each way
         self._ids = itertools.count()
         self._keys = itertools.count()
         self._hello = None       # what the handshake said, to say it again after a restart
@@ -144,6 +146,9 @@ class TrunkClient:
                 reply = sock.recv_multipart(copy=False)
                 self.bytes_received += wire.nbytes(reply)
                 rh, rt = wire.decode(reply)
+                self.messages.append({"op": header["op"], "sent": [list(t.shape) for t in tensors],
+                                      "sent_bytes": wire.nbytes(frames), "received": [list(t.shape) for t in rt],
+                                      "received_bytes": wire.nbytes(reply), "dtype": self.wire_dtype})
                 if not rh.get("ok"):
                     raise TrunkError(f"trunk server at {self.address}: {rh.get('error')}", rh.get("code", "?"))
                 return rh, rt

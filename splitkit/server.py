@@ -475,6 +475,15 @@ def _lora_spec(obj) -> LoraSpec:
                     target_modules=None if targets is None else tuple(targets))
 
 
+def connect_or_start(model, cuts, **options) -> str:
+    """The trunk server a notebook should use: $SPLITKIT_TRUNK if set (a `trunk_server.py`
+    started separately), else a new TrunkServer on a free loopback port in a background thread."""
+    address = os.environ.get("SPLITKIT_TRUNK")
+    if address:
+        return address
+    return TrunkServer(model, cuts, bind="tcp://127.0.0.1:*", **options).start()
+
+
 def make_keys(folder) -> Path:
     """Server and client CURVE key pairs in `folder`; the client's public key is authorized."""
     folder = Path(folder)

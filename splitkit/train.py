@@ -120,7 +120,8 @@ def forward_backward(learner: Learner, batch) -> torch.Tensor:
         hidden_2 = learner.trunk(hidden_1)  # (B, T, d), differentiable through the server
     output = learner.top(hidden_2)  # (B, T, vocab)
     loss = criterion(output, labels)
-    loss.backward()
+    if loss.requires_grad:  # False only when nothing before the loss is trainable (cuts (0, n), not full+trunk)
+        loss.backward()
     return loss
 
 
