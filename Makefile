@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8888
 
-.PHONY: setup lab test test-fast bench clean
+.PHONY: setup lab test clean
 
 setup: $(VENV)/.installed
 
@@ -21,12 +21,6 @@ lab: setup
 
 test: setup
 	$(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
-
-test-fast: setup
-	$(PY) -m pytest tests -m "not slow"
-
-bench: setup
-	$(PY) bench/run_all.py
 
 clean:
 	rm -rf $(VENV) runs screenshots
