@@ -117,12 +117,14 @@ def convert_smollm2(folder: Path) -> Path:
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     folder.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
+    tmp = tempfile.mkdtemp(dir=folder.parent)
+    try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         shutil.rmtree(folder, ignore_errors=True)
-        os.rename(tmp, folder)
-        os.makedirs(tmp)  # so that TemporaryDirectory has something to remove
+        os.rename(tmp, folder)  # a half-written cache never has the cache's name
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
