@@ -108,6 +108,8 @@ class TrunkServer:
                  max_tokens: int = MAX_TOKENS, states_per_session: int = STATES_PER_SESSION,
                  states_total: int = STATES_TOTAL, state_max_age: float = STATE_MAX_AGE_S,
                  max_sessions: int = MAX_SESSIONS, session_idle: float = SESSION_IDLE_S):
+        if min(states_per_session, states_total, max_sessions) < 0:
+            raise ValueError("states_per_session, states_total and max_sessions cannot be negative")
         if not is_loopback(bind) and curve_dir is None and not insecure:
             raise ValueError(f"refusing to bind {bind}: anyone who can reach it could use the server. "
                              f"Give CURVE keys (--curve-dir, made by `python -m splitkit keys DIR`) "
@@ -302,7 +304,7 @@ class TrunkServer:
             raise Refused("the LoRA state sent with hello does not match this trunk's LoRA layers")
         with torch.no_grad():
             for n, t in zip(names, tensors):
-                if t.shape != params[n].shape or not torch.isfinite(t).all():
+                if t.shape != params[n].shape or not wire.all_finite(t):
                     self._drop_adapter(adapter)
                     raise Refused(f"LoRA tensor {n} has shape {list(t.shape)}, expected {list(params[n].shape)}")
                 params[n].copy_(t)
@@ -390,7 +392,7 @@ class TrunkServer:
                 raise Refused(f"hidden states must be (B, T, {self.hidden_size}), got {list(t.shape)}")
             if t.shape[0] * t.shape[1] > self.max_tokens:
                 raise Refused(f"{t.shape[0]} x {t.shape[1]} tokens is over this server's limit of {self.max_tokens}")
-            if not torch.isfinite(t).all():
+            if not wire.all_finite(t):
                 raise Refused("hidden states contain NaN or infinity")
         if len(tensors) == 2 and tensors[0].shape != tensors[1].shape:
             raise Refused(f"dL/dh2 {list(tensors[0].shape)} and h1 {list(tensors[1].shape)} differ in shape")

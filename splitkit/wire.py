@@ -10,8 +10,8 @@ here before anything is built from it; a bad message raises WireError with the r
 import json
 import math
 import sys
-import warnings
 
+import numpy as np
 import torch
 
 PROTOCOL = 1
@@ -20,6 +20,7 @@ MAX_TENSORS = 64
 MAX_RANK = 4
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_EXPONENT = {torch.float16: (torch.int16, 0x7C00), torch.bfloat16: (torch.int16, 0x7F80)}
 
 assert sys.byteorder == "little", "the wire is little-endian and so is every host splitkit runs on"
 
@@ -88,9 +89,18 @@ def _tensor(spec, frame, i: int) -> torch.Tensor:
     expected = math.prod(shape) * dtype.itemsize
     if buf.nbytes != expected:
         raise WireError(f"tensor {i}: shape {shape} of {spec['dtype']} needs {expected} bytes, the frame has {buf.nbytes}")
-    with warnings.catch_warnings():  # the frame is read-only; we clone before anyone writes
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.frombuffer(buf, dtype=dtype).reshape(shape).clone()
+    if buf.readonly or np.frombuffer(buf, np.uint8).ctypes.data % dtype.itemsize:
+        buf = bytearray(buf)  # bytes, or a misaligned frame: one plain copy the tensor owns
+    return torch.frombuffer(buf, dtype=dtype).reshape(shape)  # else zero-copy over the received frame
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN and no infinity in a CPU tensor of a wire dtype (numpy: one thread, no temporary tensors)."""
+    if t.dtype == torch.float32:
+        return bool(np.isfinite(t.detach().numpy()).all())
+    bits, mask = _EXPONENT[t.dtype]
+    exponent = np.bitwise_and(t.detach().reshape(-1).view(bits).numpy(), mask)
+    return not np.any(exponent == mask)  # all ones: inf or NaN
 
 
 def _buffer(frame) -> memoryview:

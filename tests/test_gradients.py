@@ -66,6 +66,23 @@ def test_stateless_fallback_gives_the_same_gradients(tiny, serve, spec):
     assert_grads_match(got, reference_grads(model, cuts, spec, batch, train_trunk=False))
 
 
+@pytest.mark.parametrize("wire_dtype, tolerance", [("float16", 3e-3), ("bfloat16", 2e-2)])
+def test_half_precision_on_the_wire_gives_close_gradients(tiny, serve, spec, wire_dtype, tolerance):
+    """h1 and dL/dh2 cross as 16-bit floats (half the bytes); the gradients stay close, not equal."""
+    model, _ = tiny
+    cuts = (2, 4)
+    batch = random_batch(model.config.vocab_size)
+    learner = make_learner(model, "full", cuts, serve(model, cuts), lora=spec, wire_dtype=wire_dtype)
+    zero_grad(learner)
+    forward_backward(learner, batch)
+    got = {**lora_grads(learner.bottom), **lora_grads(learner.top)}
+    want = reference_grads(model, cuts, spec, batch, train_trunk=False)
+    diffs = [rel_diff(g, want[name]) for name, g in got.items()]
+    assert 0 < max(diffs) <= tolerance, f"largest relative difference {max(diffs):.1e}"
+    assert all(m["dtype"] == wire_dtype for m in learner.client.messages)
+    assert learner.client.messages[-1]["sent_bytes"] < 0.6 * 4 * batch["input_ids"].numel() * model.config.hidden_size
+
+
 def test_detach_mode_leaves_bottom_without_gradient(tiny, serve, spec):
     """The seeds' simplified version: the Bottom gets no gradient and never changes; the Top does."""
     model, _ = tiny
