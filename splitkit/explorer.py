@@ -5,9 +5,11 @@ in an ipywidgets IntRangeSlider and redraws a table and a bar chart on every mov
 """
 
 import copy
+import io
+import threading
 
-import matplotlib.pyplot as plt
 import torch
+from matplotlib.figure import Figure
 
 from .server import TrunkServer
 from .split import LoraSpec, check_cuts, count_parameters, lora_grads, split_model
@@ -74,16 +76,27 @@ def gradient_check_full(model, cuts, lora: LoraSpec, tokens: int = 8) -> float:
 
 def plot_explore(result: dict, ax=None):
     """Bars: blocks, parameters and trainable LoRA parameters on each side."""
-    fig, axes = plt.subplots(1, 3, figsize=(9, 2.6)) if ax is None else (ax[0].figure, ax)
+    if ax is None:  # a Figure of its own, outside pyplot's global state, as the widget's callback needs
+        fig = Figure(figsize=(9, 2.6))
+        axes = fig.subplots(1, 3)
+    else:
+        fig, axes = ax[0].figure, ax
     colours = {"bottom": "tab:blue", "trunk": "tab:grey", "top": "tab:orange", "client": "tab:blue", "server": "tab:grey"}
-    for ax_, (title, values) in zip(axes, [("blocks", result["blocks"]), ("parameters (M)", result["params"]),
-                                           ("trainable LoRA (k)", result["trainable"])]):
-        scale = 1e6 if "M" in title else 1e3 if "k" in title else 1
+    for ax_, (title, values, scale) in zip(axes, [("blocks", result["blocks"], 1),
+                                                  ("parameters (M)", result["params"], 1e6),
+                                                  ("trainable LoRA (k)", result["trainable"], 1e3)]):
         ax_.bar(list(values), [v / scale for v in values.values()], color=[colours[k] for k in values])
         ax_.set_title(title, fontsize=10)
     fig.suptitle(f"cuts = {result['cuts']}", fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def plot_png(result: dict) -> bytes:
+    """plot_explore as PNG bytes: what the widget shows, drawn without pyplot or the inline backend."""
+    png = io.BytesIO()
+    plot_explore(result).savefig(png, format="png", dpi=100, bbox_inches="tight")
+    return png.getvalue()
 
 
 def format_explore(result: dict) -> str:
@@ -106,25 +119,23 @@ def format_explore(result: dict) -> str:
 def explorer_widget(model, cuts=(10, 20), **options):
     """An IntRangeSlider for the two cuts, with the table and the plot it updates."""
     import ipywidgets as widgets
-    from IPython.display import HTML, display
+    from IPython.display import HTML, Image, display
 
     n = model.config.num_hidden_layers
     slider = widgets.IntRangeSlider(value=cuts, min=0, max=n, step=1, description="cuts",
                                     continuous_update=False, layout=widgets.Layout(width="500px"))
     out = widgets.Output()
+    busy = threading.Lock()  # one redraw at a time, however fast the slider moves
 
     def update(change=None):
-        with out:
+        with busy, out:
             out.clear_output(wait=True)
             try:
                 result = explore(model, slider.value, **options)
             except ValueError as e:
                 display(HTML(f"<p class='splitkit-error'><b>These cuts do not work:</b> {e}</p>"))
                 return
-            display(HTML(format_explore(result)))
-            fig = plot_explore(result)
-            display(fig)
-            plt.close(fig)
+            display(HTML(format_explore(result)), Image(plot_png(result)))
 
     slider.observe(update, names="value")
     update()

@@ -28,3 +28,16 @@ def test_explore_reports_consistent_numbers_and_matching_gradients(model, cuts):
 def test_explore_refuses_an_empty_trunk(model):
     with pytest.raises(ValueError, match="the Trunk would be empty"):
         explore(model, (3, 3))
+
+
+def test_plot_shows_blocks_parameters_and_lora_in_their_units(model):
+    import matplotlib
+    matplotlib.use("Agg")
+    from splitkit.explorer import plot_explore
+
+    r = explore(model, (1, 4), batch_size=2, seq_len=8, gradient_check=False)
+    fig = plot_explore(r)
+    heights = [[bar.get_height() for bar in ax.patches] for ax in fig.axes]
+    assert heights[0] == [1, 3, 2]  # blocks, as counts
+    assert heights[1] == pytest.approx([r["params"]["client"] / 1e6, r["params"]["server"] / 1e6])
+    assert heights[2] == pytest.approx([v / 1e3 for v in r["trainable"].values()])
