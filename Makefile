@@ -2,8 +2,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PORT ?= 8888
+NOTEBOOKS ?= notebooks
+LAB_ARGS ?=
+# Debian's Chromium, for the browser test (tests/test_browser.py); Playwright drives it, downloads nothing
+CHROMIUM ?= /usr/bin/chromium
+ROOT_USER := $(filter 0,$(shell id -u))
+SUDO := $(if $(ROOT_USER),,sudo)
 
-.PHONY: setup lab test clean
+.PHONY: setup lab test bench clean
 
 setup: $(VENV)/.installed
 
@@ -16,11 +22,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m splitkit prepare
 	touch $@
 
-lab: setup
-	$(VENV)/bin/jupyter lab --notebook-dir=notebooks --port=$(PORT) --ServerApp.default_url=/lab/tree/00_start_here.ipynb
+$(CHROMIUM):
+	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
 
-test: setup
-	$(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+lab: setup
+	$(VENV)/bin/jupyter lab --notebook-dir=$(NOTEBOOKS) --port=$(PORT) --ServerApp.default_url=/lab/tree/00_start_here.ipynb \
+		$(if $(ROOT_USER),--allow-root) $(LAB_ARGS)
+
+test: setup $(CHROMIUM)
+	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+
+# Benchmarks: tables in bench/results/ (about 40 minutes on 2 CPU cores)
+bench: setup
+	cd bench && for b in wire step compression startup notebooks; do $(abspath $(PY)) $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs screenshots

@@ -1,0 +1,53 @@
+"""The benchmarks run and say what they measured (on tiny sizes here: their timings are not tested)."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def run(script: str, *args: str, out: Path) -> str:
+    subprocess.run([sys.executable, script, *args, "--out", str(out)], cwd=BENCH, check=True, timeout=600,
+                   capture_output=True, text=True)
+    return (out / f"{Path(script).stem}.md").read_text()
+
+
+def table(text: str) -> list[list[str]]:
+    """The rows of the Markdown table in `text`, without its header."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
+
+
+def test_step_bench_times_every_variant_and_they_agree(tmp_path):
+    text = run("step.py", "--model", "tiny-llama", "--cuts", "2", "4", "--sizes", "2x8", "--warmup", "1",
+               "--reps", "2", out=tmp_path)
+    rows = table(text)
+    assert [r[1] for r in rows] == ["unsplit", "detach", "full", "full, stateless fallback",
+                                    "unsplit, LoRA on every block", "full+trunk"]
+    assert len({r[-1] for r in rows}) == 1, "the first step's loss differs between variants"
+    assert all(float(r[2]) > 0 for r in rows)
+    assert re.search(r"The fallback server recomputed [1-9]\d* forwards; the stateful one 0", text)
+
+
+def test_wire_bench_compares_with_pickle_and_bare_bytes(tmp_path):
+    rows = table(run("wire.py", "--shapes", "2x8x64", "--rounds", "2", out=tmp_path))
+    assert rows[0][0] == "2×8×64" and all(float(x) > 0 for x in rows[0][2:5])
+
+
+def test_compression_bench_reports_each_wire_dtype(tmp_path):
+    rows = table(run("compression.py", "--model", "tiny-llama", "--cuts", "2", "4", "--size", "2x8", "--warmup", "1",
+                     "--reps", "1", "--steps", "10", out=tmp_path))
+    assert [r[0] for r in rows] == ["float32", "float16", "bfloat16"]
+    assert rows[0][2] == "1.00" and float(rows[1][2]) < 0.6 and float(rows[2][2]) < 0.6  # bytes vs float32
+    assert float(rows[0][5]) == 0 and 0 < float(rows[1][5]) < 1e-2  # gradient difference
+
+
+def test_notebook_bench_times_a_notebook(tmp_path):
+    import nbformat
+
+    notebook = tmp_path / "tiny.ipynb"
+    nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("assert 1 + 1 == 2")]), notebook)
+    text = run("notebooks.py", str(notebook), out=tmp_path)
+    assert "| tiny.ipynb |" in text and "1 passed" in text
