@@ -57,7 +57,6 @@ def main(argv=None):
         # 1. gradients of one batch (nothing has trained yet, so all three hold the same weights)
         batch = next(batches(tokenizer, facts(), 8, seed=123))
         grads = {d: gradients(learner, batch) for d, learner in learners.items()}
-        zero_grad_all = [zero_grad(learner) for learner in learners.values()]
         # 2. the loss curve on the kit's task
         curves = {d: [] for d in DTYPES}
         streams = {d: batches(tokenizer, facts(), 8, seed=0) for d in DTYPES}
@@ -78,7 +77,6 @@ def main(argv=None):
                 wire_bytes[d] = c.bytes_sent + c.bytes_received - before
         for learner in learners.values():
             learner.close()
-    del zero_grad_all
 
     ms32, mb32 = median_ms(seconds["float32"]), wire_bytes["float32"]
     rows = []

@@ -65,7 +65,7 @@ def round_trip_bare(sock, tensor, i: int) -> float:
 def round_trip_pickle(sock, tensor, i: int) -> float:
     t0 = time.perf_counter()
     sock.send_pyobj(tensor)
-    back = sock.recv_pyobj()
+    sock.recv_pyobj()
     return time.perf_counter() - t0
 
 

@@ -1,7 +1,6 @@
 """A trunk server a class can share: bad input, lost replies, restarts, many clients, keys."""
 
 import json
-import os
 import pickle
 import socket
 import subprocess
