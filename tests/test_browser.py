@@ -29,7 +29,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SHOTS = ROOT / "screenshots"
 CHROMIUM = os.environ.get("SPLITKIT_CHROMIUM", "/usr/bin/chromium")
-# Without the background-networking flags Chromium keeps calling home, which this kind of closed machine refuses.
+# Without the background-networking flags Chromium keeps calling home, which fails without internet access.
 CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 N_BLOCKS = 30  # SmolLM2
