@@ -32,7 +32,7 @@ lab: setup
 test: setup $(CHROMIUM)
 	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
 
-# Benchmarks: tables in bench/results/ (about 40 minutes on 2 CPU cores)
+# Benchmarks: tables in bench/results/ (about 35 minutes on 2 CPU cores)
 bench: setup
 	cd bench && for b in wire step compression startup notebooks; do $(abspath $(PY)) $$b.py || exit 1; done
 

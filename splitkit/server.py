@@ -304,9 +304,11 @@ class TrunkServer:
             raise Refused("the LoRA state sent with hello does not match this trunk's LoRA layers")
         with torch.no_grad():
             for n, t in zip(names, tensors):
-                if t.shape != params[n].shape or not wire.all_finite(t):
+                wrong = (f"has shape {list(t.shape)}, expected {list(params[n].shape)}" if t.shape != params[n].shape
+                         else "contains NaN or infinity" if not wire.all_finite(t) else None)
+                if wrong:
                     self._drop_adapter(adapter)
-                    raise Refused(f"LoRA tensor {n} has shape {list(t.shape)}, expected {list(params[n].shape)}")
+                    raise Refused(f"LoRA tensor {n} {wrong}")
                 params[n].copy_(t)
 
     def _lora_params(self, adapter: str):

@@ -376,3 +376,16 @@ def test_public_bind_needs_keys_or_insecure(llama, caplog):
     server = TrunkServer(llama, CUTS, bind="tcp://0.0.0.0:*", insecure=True)  # allowed, with a warning
     assert "WITHOUT encryption" in caplog.text
     del server
+
+
+@pytest.mark.parametrize("damage, message", [("nan", "contains NaN or infinity"), ("shape", "has shape")])
+def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, damage, message):
+    server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    hello = {"op": "hello", "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
+             "hidden_size": llama.config.hidden_size, "mode": "full+trunk", "lora": spec.to_json(), "lr": 1e-3}
+    assert json.loads(server.handle(encode(hello))[0])["ok"]
+    names, tensors = zip(*((n, p.detach().clone()) for n, p in server._lora_params(f"s{'a' * 32}")))
+    tensors = list(tensors)
+    tensors[1] = tensors[1][:, :-1] if damage == "shape" else tensors[1].fill_(float("nan"))
+    reply = json.loads(server.handle(encode(dict(hello, session="b" * 32, names=list(names)), tensors))[0])
+    assert not reply["ok"] and message in reply["error"] and "b" * 32 not in server.sessions
