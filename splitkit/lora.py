@@ -1,0 +1,125 @@
+"""LoRA on the parts, in PEFT's vocabulary: the spec, its config, a seeded init, gradients and changes.
+
+A LoRA layer adds (lora_alpha / r) · B · A to a frozen weight W, with A (r, in) and B (out, r).
+Each layer is keyed by its place in the whole model ('12.self_attn.q_proj'), so a gradient from
+the split run and one from the unsplit model can be compared name by name.
+"""
+
+import re
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .split import FAMILIES, Blocks, check_cuts, family
+
+
+@dataclass
+class LoraSpec:
+    """What PEFT's LoraConfig gets; scaling = lora_alpha / r. B = 0 at start unless init_b > 0."""
+
+    r: int = 8
+    lora_alpha: int = 16
+    target_modules: tuple[str, ...] | None = None  # None: PEFT's default for the model family
+    init_b: float = 0.0  # std of a random lora_B (0 = PEFT's default, an adapter that starts as a no-op)
+    seed: int = 0
+    extra: dict = field(default_factory=dict)  # any other LoraConfig field
+
+    def to_json(self) -> dict:
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "seed": self.seed, "init_b": self.init_b,
+                "target_modules": None if self.target_modules is None else list(self.target_modules)}
+
+    def targets(self, config) -> list[str]:
+        if self.target_modules is not None:
+            return list(self.target_modules)
+        return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type]
+
+
+def lora_config(spec: LoraSpec, config) -> LoraConfig:
+    return LoraConfig(r=spec.r, lora_alpha=spec.lora_alpha, target_modules=spec.targets(config),
+                      lora_dropout=0.0, fan_in_fan_out=family(config).conv1d, **spec.extra)
+
+
+def add_lora(part: nn.Module, spec: LoraSpec, config, adapter: str = "default"):
+    """Wrap a part in a PeftModel with LoRA on its blocks; a part without blocks is just frozen."""
+    part.requires_grad_(False)
+    if not any(isinstance(m, Blocks) and len(m.layers) for m in part.modules()):
+        return part
+    peft_part = get_peft_model(part, lora_config(spec, config), adapter_name=adapter)
+    init_lora(peft_part, spec, adapter)
+    return peft_part
+
+
+def add_adapter(peft_part: PeftModel, spec: LoraSpec, config, adapter: str):
+    """Another adapter on the same base weights (one per server session)."""
+    peft_part.add_adapter(adapter, lora_config(spec, config))
+    init_lora(peft_part, spec, adapter)
+
+
+def unsplit_reference(model, cuts, lora: LoraSpec, train_trunk: bool):
+    """The unsplit model (changed in place) with LoRA on the blocks a split run trains, same init."""
+    n = model.config.num_hidden_layers
+    a, b = check_cuts(cuts, n)
+    config = lora_config(lora, model.config)
+    config.layers_to_transform = list(range(n)) if train_trunk else [*range(a), *range(b, n)]
+    config.layers_pattern = family(model.config).blocks
+    peft_model = get_peft_model(model, config)
+    init_lora(peft_model, lora)
+    return peft_model
+
+
+_LAYER = re.compile(rf"(?:^|\.)(?:{'|'.join(sorted({f.blocks for f in FAMILIES.values()}))})\.(\d+)\.(.+?)"
+                    r"(?:\.base_layer)?$")
+
+
+def layer_key(module_name: str) -> str:
+    """'base_model.model.blocks.layers.12.self_attn.q_proj' -> '12.self_attn.q_proj' (also for HF names)."""
+    m = _LAYER.search(module_name)
+    if m is None:
+        raise ValueError(f"{module_name!r} is not inside a transformer block")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def lora_layers(module, adapter: str = "default") -> dict:
+    """{layer_key: LoRA layer} for every LoRA layer of `module` that holds `adapter`."""
+    return {layer_key(name): m for name, m in module.named_modules()
+            if isinstance(m, LoraLayer) and adapter in m.lora_A}
+
+
+def lora_parameters(module, adapter: str = "default"):
+    """('12.self_attn.q_proj.lora_A', weight), ... for every LoRA matrix of `adapter`."""
+    for key, layer in lora_layers(module, adapter).items():
+        for ab in ("lora_A", "lora_B"):
+            yield f"{key}.{ab}", getattr(layer, ab)[adapter].weight
+
+
+def init_lora(module, spec: LoraSpec, adapter: str = "default"):
+    """Initialise each LoRA layer from a seed and its place in the whole model.
+
+    A layer gets the same lora_A (and lora_B) whether it sits in the unsplit model, in a Part
+    on the client or in the Trunk on the server, so split and unsplit runs start identical.
+    A is PEFT's default (kaiming-uniform, a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))).
+    """
+    with torch.no_grad():
+        for key, layer in lora_layers(module, adapter).items():
+            g = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(key.encode()))
+            A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, in), (out, r)
+            bound = A.shape[1] ** -0.5
+            A.copy_(torch.rand(A.shape, generator=g) * 2 * bound - bound)
+            B.copy_(torch.randn(B.shape, generator=g) * spec.init_b)
+
+
+def lora_grads(module, adapter: str = "default") -> dict:
+    """{'12.self_attn.q_proj.lora_A': grad or None, ...}: comparable across split and unsplit."""
+    return {name: None if w.grad is None else w.grad.detach().clone() for name, w in lora_parameters(module, adapter)}
+
+
+def lora_delta_norms(module, adapter: str = "default") -> dict:
+    """{layer_key: ||B @ A * scaling||}: how far each LoRA layer has moved the base weight."""
+    with torch.no_grad():
+        return {key: float(layer.get_delta_weight(adapter).norm())
+                for key, layer in lora_layers(module, adapter).items()}
