@@ -10,7 +10,8 @@ import logging
 import sys
 
 from splitkit.models import MODELS, SMOLLM2, load_model
-from splitkit.server import DEFAULT_BIND, STATES_PER_SESSION, Faults, TrunkServer
+from splitkit.server import DEFAULT_BIND, Faults, TrunkServer
+from splitkit.sessions import Limits
 
 
 def parse_args(argv=None):
@@ -23,7 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--curve-dir", help="folder made by `python -m splitkit keys DIR`: encrypt, and let in "
                                        "only the clients whose public keys are in DIR/authorized")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without keys")
-    p.add_argument("--keep-states", type=int, default=STATES_PER_SESSION, metavar="N",
+    p.add_argument("--keep-states", type=int, default=Limits.states_per_session, metavar="N",
                    help="forward states each session keeps for its backward (default: %(default)s); "
                         "0 sends every backward through the stateless fallback, which recomputes the forward")
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
@@ -39,7 +40,7 @@ def main(argv=None) -> int:
         faults = Faults.parse(args.simulate_faults)
         model, _ = load_model(args.model)
         server = TrunkServer(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
-                             insecure=args.insecure, faults=faults, states_per_session=args.keep_states)
+                             insecure=args.insecure, faults=faults, limits=Limits(states_per_session=args.keep_states))
         del model
         server.serve_forever()
     except (ValueError, RuntimeError) as e:

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 import zmq
-import zmq.auth
 from torch import nn
 
+from . import protocol as P
 from . import wire
+from .keys import connect_curve
 
 REQUEST_TIMEOUT = 30.0  # seconds to wait for one reply
 REQUEST_RETRIES = 2     # resends after a timeout, each on a fresh socket
@@ -34,7 +35,7 @@ class TrunkUnavailable(TrunkError):
     """No answer from the server within the timeout, after every retry."""
 
     def __init__(self, message: str):
-        super().__init__(message, "unavailable")
+        super().__init__(message, P.UNAVAILABLE)
 
 
 class TrunkClient:
@@ -60,57 +61,57 @@ class TrunkClient:
 
     # ------------------------------------------------------------------ the ops
 
-    def hello(self, model: str, cuts, hidden_size: int, mode: str = "forward", lora=None, lr: float | None = None) -> dict:
+    def hello(self, model: str, cuts, hidden_size: int, mode: str = P.DETACH, lora=None,
+              lr: float | None = None) -> dict:
         """The handshake: open this client's session; refused if the parts do not fit the server's Trunk."""
-        self._hello = {"op": "hello", "model": model, "cuts": list(cuts), "hidden_size": hidden_size,
+        self._hello = {"op": P.HELLO, "model": model, "cuts": list(cuts), "hidden_size": hidden_size,
                        "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr}
         header, _ = self._call(dict(self._hello), reopen=False)
         return header
 
-    def compute(self, h1: torch.Tensor) -> torch.Tensor:
-        """The seeds' forward-only call: h2 = Trunk(h1), nothing kept on the server."""
-        header, (h2,) = self._call({"op": "forward", "keep": False}, [h1])
-        return h2.to(h1.dtype)
-
-    def forward(self, h1: torch.Tensor, key: int) -> torch.Tensor:
-        """Trunk(h1), with the server keeping the graph under `key` for the backward."""
-        header, (h2,) = self._call({"op": "forward", "keep": True, "key": key}, [h1])
+    def forward(self, h1: torch.Tensor, key: int | None = None) -> torch.Tensor:
+        """h2 = Trunk(h1). With a `key`, the server keeps the graph under it for the backward."""
+        header = {"op": P.FORWARD} if key is None else {"op": P.FORWARD, "key": key}
+        _, (h2,) = self._call(header, [h1])
         return h2.to(h1.dtype)
 
     def backward(self, g2: torch.Tensor, key: int, h1: torch.Tensor | None = None) -> torch.Tensor:
         """dL/dh1 from dL/dh2. If the server lost the state, send h1 so that it recomputes."""
         try:
-            _, (g1,) = self._call({"op": "backward", "key": key}, [g2])
+            _, (g1,) = self._call({"op": P.BACKWARD, "key": key}, [g2])
         except TrunkError as e:
-            if e.code != "state_missing" or h1 is None:
+            if e.code != P.STATE_MISSING or h1 is None:
                 raise
-            _, (g1,) = self._call({"op": "backward", "key": key}, [g2, h1])
+            _, (g1,) = self._call({"op": P.BACKWARD, "key": key}, [g2, h1])
         return g1.to(g2.dtype)
 
     def step(self) -> dict:
         """Apply the trunk LoRA's optimizer on the server (full+trunk); keep a copy of the new LoRA."""
-        header, tensors = self._call({"op": "step"})
+        header, tensors = self._call({"op": P.STEP})
         self._trunk_lora = (header["names"], tensors)
         self.last_step = header
         return header
 
     def trunk_lora(self) -> dict:
         """{name: tensor} of this session's trunk LoRA, to save or inspect."""
-        header, tensors = self._call({"op": "lora_state"})
-        return dict(zip(header["names"], tensors))
+        header, tensors = self._call({"op": P.LORA_STATE})
+        return dict(zip(header["names"], tensors, strict=True))
 
     def stats(self) -> dict:
-        header, _ = self._call({"op": "stats"}, reopen=False)
+        header, _ = self._call({"op": P.STATS}, reopen=False)
         return header
 
     def close(self):
-        """Say bye (best effort, short timeout) and close the socket."""
+        """Say bye (best effort: one try, at most 1 s) and close the socket; the client's settings stay as they were."""
         if self._hello is not None and self._sock is not None:
-            self.timeout, self.retries = min(self.timeout, 1.0), 0
+            timeout, retries = self.timeout, self.retries
+            self.timeout, self.retries = min(timeout, 1.0), 0
             try:
-                self._call({"op": "bye"}, reopen=False)
+                self._call({"op": P.BYE}, reopen=False)
             except TrunkError:
                 pass  # the session times out on the server anyway
+            finally:
+                self.timeout, self.retries = timeout, retries
         self._close_socket()
 
     def new_key(self) -> int:
@@ -124,10 +125,10 @@ class TrunkClient:
             try:
                 return self._request(header, tensors)
             except TrunkError as e:
-                if e.code != "unknown_session" or not reopen or self._hello is None:
+                if e.code != P.UNKNOWN_SESSION or not reopen or self._hello is None:
                     raise
                 self._reopen()
-        raise TrunkError(f"{self.address} keeps losing this session", "unknown_session")
+        raise TrunkError(f"{self.address} keeps losing this session", P.UNKNOWN_SESSION)
 
     def _reopen(self):
         """After a server restart: open the same session again, with the trunk LoRA as we last saw it."""
@@ -138,7 +139,7 @@ class TrunkClient:
     def _request(self, header: dict, tensors=()):
         header = dict(header, session=self.session, id=next(self._ids))
         frames = wire.encode(header, tensors, dtype=self.wire_dtype)
-        for attempt in range(self.retries + 1):
+        for _ in range(self.retries + 1):
             sock = self._socket()
             sock.send_multipart(frames, copy=False)
             self.bytes_sent += wire.nbytes(frames)
@@ -163,8 +164,7 @@ class TrunkClient:
             sock = self._ctx.socket(zmq.REQ)
             sock.linger = 0
             if self.curve_dir is not None:
-                sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(self.curve_dir / "client.key_secret")
-                sock.curve_serverkey, _ = zmq.auth.load_certificate(self.curve_dir / "server.key")
+                connect_curve(sock, self.curve_dir)
             sock.connect(self.address)
             self._sock = sock
         return self._sock
@@ -188,7 +188,7 @@ class _RemoteTrunkFunction(torch.autograd.Function):
     def forward(ctx, h1, client):
         ctx.client, ctx.key = client, client.new_key()
         ctx.save_for_backward(h1)  # kept for the stateless fallback
-        return client.forward(h1, ctx.key)  # (B, T, d)
+        return client.forward(h1, key=ctx.key)  # (B, T, d)
 
     @staticmethod
     def backward(ctx, g2):
@@ -205,9 +205,9 @@ class RemoteTrunk(nn.Module):
 
     def forward(self, h1):  # (B, T, d) -> (B, T, d)
         if not torch.is_grad_enabled():
-            return self.client.compute(h1)
+            return self.client.forward(h1)
         if not h1.requires_grad:
             if not self.train_trunk:
-                return self.client.compute(h1)
+                return self.client.forward(h1)
             h1 = h1.detach().requires_grad_(True)  # a = 0: only the trunk LoRA needs the backward
         return _RemoteTrunkFunction.apply(h1, self.client)

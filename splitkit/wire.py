@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import torch
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_HEADER_BYTES = 64 * 1024
 MAX_TENSORS = 64
 MAX_RANK = 4
@@ -56,7 +56,7 @@ def decode(frames) -> tuple[dict, list]:
         raise WireError(f"'tensors' must be a list of at most {MAX_TENSORS} {{dtype, shape}} objects")
     if len(frames) - 1 != len(specs):
         raise WireError(f"the header names {len(specs)} tensor(s) but {len(frames) - 1} data frame(s) followed")
-    return header, [_tensor(spec, frame, i) for i, (spec, frame) in enumerate(zip(specs, frames[1:]))]
+    return header, [_tensor(spec, frame, i) for i, (spec, frame) in enumerate(zip(specs, frames[1:], strict=True))]
 
 
 def decode_header(raw: bytes) -> dict:
@@ -88,7 +88,8 @@ def _tensor(spec, frame, i: int) -> torch.Tensor:
     buf = _buffer(frame)
     expected = math.prod(shape) * dtype.itemsize
     if buf.nbytes != expected:
-        raise WireError(f"tensor {i}: shape {shape} of {spec['dtype']} needs {expected} bytes, the frame has {buf.nbytes}")
+        raise WireError(f"tensor {i}: shape {shape} of {spec['dtype']} needs {expected} bytes, "
+                        f"the frame has {buf.nbytes}")
     if buf.readonly or np.frombuffer(buf, np.uint8).ctypes.data % dtype.itemsize:
         buf = bytearray(buf)  # bytes, or a misaligned frame: one plain copy the tensor owns
     return torch.frombuffer(buf, dtype=dtype).reshape(shape)  # else zero-copy over the received frame

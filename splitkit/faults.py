@@ -1,0 +1,31 @@
+"""Simulated failures for a trunk server, to show a class what the client survives.
+
+As in the zguide's lpserver.py: replies that are lost or late, and a crash after N requests.
+`trunk_server.py --simulate-faults drop=0.1,delay=0.2` turns them on.
+"""
+
+from dataclasses import dataclass, fields
+
+
+@dataclass
+class Faults:
+    """Simulated failures (zguide lpserver.py style): lost and late replies, a crash after N requests."""
+
+    drop: float = 0.0     # probability that a reply is never sent
+    delay: float = 0.0    # probability that a reply is sent late...
+    delay_s: float = 1.0  # ...by this many seconds
+    crash_after: int = 0  # stop dead after this many requests (0: never)
+    seed: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Faults":
+        """'drop=0.1,delay=0.2,delay_s=2,crash_after=50' -> Faults."""
+        known = [f.name for f in fields(cls)]
+        kwargs = {}
+        for item in filter(None, text.split(",")):
+            name, _, value = item.partition("=")
+            name = name.strip().replace("-", "_")
+            if name not in known:
+                raise ValueError(f"unknown fault {name!r}; known: {', '.join(known)}")
+            kwargs[name] = type(getattr(cls, name))(value)
+        return cls(**kwargs)

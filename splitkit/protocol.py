@@ -1,0 +1,145 @@
+"""The words of the trunk protocol (as the zguide's MDP.py is for its Majordomo broker), and the checks.
+
+Client and server both use these names; docs/protocol.md says what each one means on the wire.
+The checks are pure: a header (a dict) or tensors in, a value out, or `Refused` with the reason.
+"""
+
+import math
+
+from . import wire
+from .lora import LoraSpec
+
+VERSION = wire.PROTOCOL
+
+# ops: what a request asks for
+HELLO, FORWARD, BACKWARD, STEP = "hello", "forward", "backward", "step"
+LORA_STATE, STATS, BYE = "lora_state", "stats", "bye"
+OPS = (HELLO, FORWARD, BACKWARD, STEP, LORA_STATE, STATS, BYE)
+
+# modes: what a session trains. "local" is the unsplit model and needs no server.
+DETACH = "detach"          # the simplified version: h1.detach() goes out, no backward crosses the wire
+FULL = "full"              # the complete protocol: dL/dh2 goes out, dL/dh1 comes back; the Trunk is frozen
+FULL_TRUNK = "full+trunk"  # the same, and the server trains a LoRA on the Trunk for this session
+LOCAL = "local"            # the unsplit model, LoRA on every block: the reference
+SERVER_MODES = (DETACH, FULL, FULL_TRUNK)
+MODES = (*SERVER_MODES, LOCAL)
+
+# error codes: what an error reply's "code" tells the client to do
+BAD_REQUEST = "bad_request"          # the request is wrong; fix it (its id may be used again)
+UNKNOWN_SESSION = "unknown_session"  # the server restarted or closed the session: say hello again
+MISMATCH = "mismatch"                # the client's Bottom/Top do not fit this server's Trunk
+STALE = "stale"                      # an id older than the newest answered one: never run
+STATE_MISSING = "state_missing"      # no forward state for this backward: send h1 with it
+BUSY = "busy"                        # the server is at its session limit: try again later
+INTERNAL = "internal"                # a bug in the server; the server goes on
+UNAVAILABLE = "unavailable"          # (client side) no answer within the timeout, after every retry
+CODES = (BAD_REQUEST, UNKNOWN_SESSION, MISMATCH, STALE, STATE_MISSING, BUSY, INTERNAL)
+
+
+class Refused(Exception):
+    """A request the server answers with an error reply; `code` tells the client what to do."""
+
+    def __init__(self, message: str, code: str = BAD_REQUEST):
+        super().__init__(message)
+        self.code = code
+
+
+def session_id(header: dict) -> str:
+    sid = header.get("session")
+    if not (isinstance(sid, str) and 16 <= len(sid) <= 64 and sid.isascii() and sid.isalnum()):
+        raise Refused("'session' must be a string of 16 to 64 ASCII letters and digits")
+    return sid
+
+
+def request_id(header: dict) -> int:
+    rid = header.get("id")
+    if type(rid) is not int or rid < 0:
+        raise Refused("'id' must be a non-negative integer")
+    return rid
+
+
+def state_key(header: dict) -> int:
+    key = header.get("key")
+    if type(key) is not int or key < 0:
+        raise Refused("'key' (the step's state key) must be a non-negative integer")
+    return key
+
+
+def mode(header: dict) -> str:
+    m = header.get("mode")
+    if m not in SERVER_MODES:
+        raise Refused(f"mode must be one of {', '.join(SERVER_MODES)}, got {m!r}")
+    return m
+
+
+def learning_rate(header: dict) -> float:
+    lr = header.get("lr")
+    if type(lr) not in (int, float) or not 0 < lr < 1:
+        raise Refused("full+trunk needs a learning rate 'lr' between 0 and 1")
+    return float(lr)
+
+
+def check_fit(header: dict, model: str, cuts, hidden_size: int):
+    """The handshake: refuse a client whose Bottom/Top do not fit this Trunk."""
+    theirs = (header.get("model"), header.get("cuts"), header.get("hidden_size"))
+    if theirs != (model, list(cuts), hidden_size):
+        raise Refused(f"this server runs blocks [{cuts[0]}, {cuts[1]}) of {model} (hidden size {hidden_size}); "
+                      f"the client has model={theirs[0]!r}, cuts={theirs[1]!r}, hidden_size={theirs[2]!r}. "
+                      f"Split the client's model at cuts={tuple(cuts)} or start a server that matches.", MISMATCH)
+
+
+def hidden_states(tensors: list, counts: tuple[int, ...], hidden_size: int, max_tokens: int) -> list:
+    """Check hidden-state tensors: `counts` says how many may come, each (B, T, d), within limits, finite."""
+    if len(tensors) not in counts:
+        raise Refused(f"expected {' or '.join(map(str, counts))} tensor(s), got {len(tensors)}")
+    for t in tensors:
+        if t.dim() != 3 or t.shape[-1] != hidden_size:
+            raise Refused(f"hidden states must be (B, T, {hidden_size}), got {list(t.shape)}")
+        if t.shape[0] * t.shape[1] > max_tokens:
+            raise Refused(f"{t.shape[0]} x {t.shape[1]} tokens is over this server's limit of {max_tokens}")
+        if not wire.all_finite(t):
+            raise Refused("hidden states contain NaN or infinity")
+    if len(tensors) == 2 and tensors[0].shape != tensors[1].shape:
+        raise Refused(f"dL/dh2 {list(tensors[0].shape)} and h1 {list(tensors[1].shape)} differ in shape")
+    return tensors
+
+
+def lora_spec(obj) -> LoraSpec:
+    """The 'lora' object of a full+trunk hello as a LoraSpec."""
+    if not isinstance(obj, dict):
+        raise Refused("full+trunk needs a 'lora' object {r, lora_alpha, target_modules, seed, init_b}")
+    r, alpha, seed, init_b = obj.get("r"), obj.get("lora_alpha"), obj.get("seed", 0), obj.get("init_b", 0.0)
+    targets = obj.get("target_modules")
+    if type(r) is not int or not 1 <= r <= 256 or type(alpha) not in (int, float) or not 0 < alpha <= 4096:
+        raise Refused("lora: r must be an integer in [1, 256] and lora_alpha a number in (0, 4096]")
+    if type(seed) is not int or type(init_b) not in (int, float) or not (0 <= init_b < 10) or math.isnan(init_b):
+        raise Refused("lora: seed must be an integer and init_b a number in [0, 10)")
+    if targets is not None and (not isinstance(targets, list) or not 0 < len(targets) <= 16
+                                or not all(isinstance(t, str) and t.isidentifier() for t in targets)):
+        raise Refused("lora: target_modules must be a list of up to 16 module names")
+    return LoraSpec(r=r, lora_alpha=alpha, seed=seed, init_b=float(init_b),
+                    target_modules=None if targets is None else tuple(targets))
+
+
+def lora_state(names, tensors: list, params: dict) -> list:
+    """[(parameter, tensor)] for a LoRA state sent with hello: the same names as `params`, shapes, finite."""
+    if not isinstance(names, list) or sorted(map(str, names)) != sorted(params) or len(names) != len(tensors):
+        raise Refused("the LoRA state sent with hello does not match this trunk's LoRA layers")
+    for n, t in zip(names, tensors, strict=True):
+        if t.shape != params[n].shape:
+            raise Refused(f"LoRA tensor {n} has shape {list(t.shape)}, expected {list(params[n].shape)}")
+        if not wire.all_finite(t):
+            raise Refused(f"LoRA tensor {n} contains NaN or infinity")
+    return [(params[n], t) for n, t in zip(names, tensors, strict=True)]
+
+
+def ok(header: dict, **fields) -> dict:
+    """The header of a success reply to `header`."""
+    return {"ok": True, "id": header.get("id"), **fields}
+
+
+def error(header: dict, code: str, message: str) -> dict:
+    """The header of an error reply; `id` is the request's if it was an integer."""
+    rid = header.get("id") if isinstance(header, dict) else None
+    return {"ok": False, "id": rid if type(rid) is int else None, "code": code, "error": message}
+

@@ -1,0 +1,186 @@
+"""What a trunk server remembers: one Session per client, within Limits, and each session's Trunk LoRA.
+
+A session holds its forward states (h1 and h2 with their graph, kept from a forward until its
+backward), its newest reply (to answer a retry without running it twice) and, in full+trunk,
+its own LoRA adapter on the one shared Trunk, with its own optimizer.
+"""
+
+import time
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .lora import LoraSpec, add_adapter, add_lora, lora_grads, lora_parameters
+from .protocol import BUSY, FULL_TRUNK, Refused, lora_state
+
+
+@dataclass
+class Limits:
+    """What one trunk server holds at most; a whole class shares these."""
+
+    max_tokens: int = 64 * 1024     # batch × tokens in one request
+    states_per_session: int = 4     # forward states a session keeps for its backward (0: every backward recomputes)
+    states_total: int = 32          # forward states kept over all sessions; past it the oldest is dropped
+    state_max_age_s: float = 300.0  # a forward state not used by a backward within this is dropped
+    max_sessions: int = 128         # open sessions; one more hello is refused as busy
+    session_idle_s: float = 3600.0  # a session that sends nothing for this long is closed
+
+    def __post_init__(self):
+        negative = [name for name, value in asdict(self).items() if value < 0]
+        if negative:
+            raise ValueError(f"limits cannot be negative: {', '.join(negative)}")
+
+
+@dataclass
+class State:
+    """One forward kept for its backward: h1 (a leaf that will get dL/dh1) and h2 = Trunk(h1) with its graph."""
+
+    h1: torch.Tensor  # (B, T, d), requires_grad
+    h2: torch.Tensor  # (B, T, d)
+    time: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Session:
+    """One client's state on the server."""
+
+    id: str
+    mode: str
+    lora: LoraSpec | None = None
+    lr: float = 0.0
+    optimizer: torch.optim.Optimizer | None = None  # full+trunk: AdamW over this session's Trunk LoRA
+    states: OrderedDict = field(default_factory=OrderedDict)  # key -> State, oldest first
+    last_id: int = -1  # the newest request answered...
+    last_reply: list | None = None  # ...and its reply, sent again if the request comes again
+    seen: float = field(default_factory=time.monotonic)
+    steps: int = 0  # optimizer steps applied to the Trunk LoRA
+
+    @property
+    def adapter(self) -> str:
+        """The name of this session's LoRA adapter on the shared Trunk."""
+        return f"s{self.id}"
+
+    def put(self, key: int, state: State, limit: int):
+        """Keep a forward state; past `limit` states the oldest is dropped."""
+        self.states[key] = state
+        while len(self.states) > limit:
+            self.states.popitem(last=False)
+
+    def step(self) -> bool:
+        """Apply the optimizer to this session's Trunk LoRA if a backward left gradients; say whether it did."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        if all(p.grad is None for p in params):
+            return False
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+        return True
+
+    def pop(self, key: int) -> State | None:
+        """The forward state for a backward, used up by it; None if it was never kept or was dropped."""
+        return self.states.pop(key, None)
+
+
+class Sessions:
+    """The session table of one server: open, find, close, sweep, and the per-session LoRA on the Trunk."""
+
+    def __init__(self, trunk, config, limits: Limits):
+        self.trunk, self.config, self.limits = trunk, config, limits
+        self.peft = None  # the PeftModel around the Trunk while any full+trunk session is open
+        self.table: dict[str, Session] = {}
+
+    def __len__(self):
+        return len(self.table)
+
+    def get(self, sid: str) -> Session | None:
+        return self.table.get(sid)
+
+    def open(self, sid: str, mode: str, lora: LoraSpec | None = None, lr: float = 0.0,
+             names=None, tensors=()) -> Session:
+        """A new session; in full+trunk with its own adapter, restored from `tensors` if the client sent them."""
+        self.sweep()
+        if len(self.table) >= self.limits.max_sessions:
+            raise Refused(f"the server holds {len(self.table)} sessions, its limit; try again later", BUSY)
+        session = Session(sid, mode, lora, lr)
+        if mode == FULL_TRUNK:
+            self._add_adapter(session, names, tensors)
+        self.table[sid] = session
+        return session
+
+    def close(self, session: Session):
+        self.table.pop(session.id, None)
+        if session.mode == FULL_TRUNK and self.peft is not None:
+            self._drop_adapter(session.adapter)
+
+    def keep(self, session: Session, key: int, state: State):
+        """Keep a forward state within both limits: the session's own and the server's total."""
+        session.put(key, state, self.limits.states_per_session)
+        while self.states() > self.limits.states_total:
+            oldest = min((s for s in self.table.values() if s.states), key=lambda s: next(iter(s.states.values())).time)
+            oldest.states.popitem(last=False)
+
+    def states(self) -> int:
+        return sum(len(s.states) for s in self.table.values())
+
+    def sweep(self):
+        """Close idle sessions and drop forward states that waited too long for their backward."""
+        now = time.monotonic()
+        for s in list(self.table.values()):
+            if now - s.seen > self.limits.session_idle_s:
+                self.close(s)
+                continue
+            for key in [k for k, state in s.states.items() if now - state.time > self.limits.state_max_age_s]:
+                del s.states[key]
+
+    # ---------------------------------------------------------------- the Trunk, with each session's LoRA
+
+    def run(self, session: Session, h1):  # (B, T, d) -> (B, T, d)
+        """h2 = Trunk(h1), with the session's own adapter in full+trunk and with no adapter otherwise."""
+        if session.mode == FULL_TRUNK:
+            self.activate(session)
+            return self.peft(h1)
+        if self.peft is None:
+            return self.trunk(h1)
+        with self.peft.disable_adapter():
+            return self.trunk(h1)
+
+    def activate(self, session: Session):
+        """Make the session's adapter the trainable one (PEFT freezes the others), before its forward or backward."""
+        if session.mode == FULL_TRUNK:
+            self.peft.set_adapter(session.adapter)
+
+    def lora_parameters(self, session: Session) -> list:
+        """[(name, weight)] of the session's Trunk LoRA, named as in lora.lora_parameters."""
+        return list(lora_parameters(self.peft, session.adapter))
+
+    def lora_grads(self, sid: str) -> dict:
+        """{name: .grad} of a full+trunk session's Trunk LoRA, named as on the client (for checks)."""
+        return lora_grads(self.peft, self.table[sid].adapter)
+
+    def _add_adapter(self, session: Session, names, tensors):
+        try:
+            if self.peft is None:
+                self.peft = add_lora(self.trunk, session.lora, self.config, adapter=session.adapter)
+            else:
+                add_adapter(self.peft, session.lora, self.config, session.adapter)
+        except ValueError as e:
+            raise Refused(f"cannot put LoRA on the trunk: {e}") from None
+        params = self.lora_parameters(session)
+        if tensors:  # the client's copy of its Trunk LoRA, after a server restart
+            try:
+                pairs = lora_state(names, list(tensors), dict(params))
+            except Refused:
+                self._drop_adapter(session.adapter)
+                raise
+            with torch.no_grad():
+                for param, t in pairs:
+                    param.copy_(t)
+        session.optimizer = torch.optim.AdamW([p for _, p in params], lr=session.lr, weight_decay=0.0)
+
+    def _drop_adapter(self, adapter: str):
+        if list(self.peft.peft_config) == [adapter]:  # the last one: back to the plain Trunk
+            self.trunk, self.peft = self.peft.unload(), None
+        else:
+            self.peft.delete_adapter(adapter)
+
