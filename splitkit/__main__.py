@@ -12,9 +12,11 @@ import sys
 from pathlib import Path
 
 from . import data
+from .keys import make_keys
 from .models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
-from .server import TrunkServer, make_keys
-from .train import MODES, exact_match, make_learner, train
+from .protocol import MODES
+from .server import TrunkServer
+from .train import Learner, exact_match, train
 
 TRUNK_ENV = "SPLITKIT_TRUNK"
 
@@ -32,13 +34,14 @@ def cmd_train(args) -> int:
         address = server.start()
         print(f"started a trunk server for blocks [{args.cuts[0]}, {args.cuts[1]}) on {address}")
     pairs = data.facts(args.task)
-    learner = make_learner(model, args.mode, args.cuts, address, lr=args.lr)
+    learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr)
     before, _ = exact_match(learner, tokenizer, pairs)
     print(f"exact match before: {before:.0%} of {len(pairs)}")
     history = train(learner, data.batches(tokenizer, pairs, args.batch_size, seed=args.seed), args.steps)
     after, answers = exact_match(learner, tokenizer, pairs)
-    print(f"exact match after {args.steps} steps ({args.mode}): {after:.0%}; loss {history.loss[0]:.2f} -> {history.loss[-1]:.2f}")
-    for (prompt, want), got in list(zip(pairs, answers))[:4]:
+    print(f"exact match after {args.steps} steps ({args.mode}): {after:.0%}; "
+          f"loss {history.loss[0]:.2f} -> {history.loss[-1]:.2f}")
+    for (prompt, want), got in list(zip(pairs, answers, strict=True))[:4]:
         print(f"  {prompt.splitlines()[0]!r}: {got.strip()!r} (want {want.strip()!r})")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,7 @@ def facts(kind: str = "colour", n: int = 16, seed: int = 0) -> list[tuple[str, s
     """n (prompt, answer) pairs; the answers are a seeded shuffle, so each place gets a made-up one."""
     template, answers = TEMPLATES[kind]
     answers = random.Random(seed).sample(answers, k=len(answers))
-    return [(template.format(place=p), " " + a) for p, a in zip(PLACES[:n], answers)]
+    return [(template.format(place=p), " " + a) for p, a in zip(PLACES[:n], answers, strict=False)]
 
 
 def encode(tokenizer, pairs, max_len: int | None = None) -> dict:

@@ -4,16 +4,17 @@
 in an ipywidgets IntRangeSlider and redraws a table and a bar chart on every move.
 """
 
-import copy
 import io
 import threading
 
 import torch
 from matplotlib.figure import Figure
 
+from .lora import LoraSpec
 from .server import TrunkServer
-from .split import LoraSpec, check_cuts, count_parameters, lora_grads, split_model
-from .train import criterion, forward_backward, make_learner, unsplit_reference, zero_grad
+from .split import check_cuts, count_parameters, split_model
+from .testing import max_rel_diff, reference_grads
+from .train import Learner
 
 
 def explore(model, cuts, batch_size: int = 8, seq_len: int = 64, lora: LoraSpec | None = None,
@@ -59,19 +60,13 @@ def gradient_check_full(model, cuts, lora: LoraSpec, tokens: int = 8) -> float:
     ids = torch.randint(3, min(model.config.vocab_size, 2000), (1, tokens), generator=g)
     batch = {"input_ids": ids, "labels": ids}
     server = TrunkServer(model, cuts, bind="tcp://127.0.0.1:*")
-    learner = make_learner(model, "full", cuts, server.start(), lora=lora)
     try:
-        zero_grad(learner)
-        forward_backward(learner, batch)
-        got = {**lora_grads(learner.bottom), **lora_grads(learner.top)}
+        with Learner(model, mode="full", cuts=cuts, address=server.start(), lora=lora) as learner:
+            learner.forward_backward(batch)
+            got = learner.lora_grads()
     finally:
-        learner.close()
         server.stop()
-    ref = unsplit_reference(copy.deepcopy(model), cuts, lora, train_trunk=False)
-    criterion(ref(input_ids=ids).logits, ids).backward()
-    want = lora_grads(ref)
-    diffs = [float((g - want[k]).norm() / want[k].norm().clamp_min(1e-30)) for k, g in got.items()]
-    return max(diffs, default=0.0)
+    return max_rel_diff(got, reference_grads(model, cuts, lora, batch, train_trunk=False))
 
 
 def plot_explore(result: dict, ax=None):
@@ -81,10 +76,11 @@ def plot_explore(result: dict, ax=None):
         axes = fig.subplots(1, 3)
     else:
         fig, axes = ax[0].figure, ax
-    colours = {"bottom": "tab:blue", "trunk": "tab:grey", "top": "tab:orange", "client": "tab:blue", "server": "tab:grey"}
+    colours = {"bottom": "tab:blue", "trunk": "tab:grey", "top": "tab:orange",
+               "client": "tab:blue", "server": "tab:grey"}
     for ax_, (title, values, scale) in zip(axes, [("blocks", result["blocks"], 1),
                                                   ("parameters (M)", result["params"], 1e6),
-                                                  ("trainable LoRA (k)", result["trainable"], 1e3)]):
+                                                  ("trainable LoRA (k)", result["trainable"], 1e3)], strict=True):
         ax_.bar(list(values), [v / scale for v in values.values()], color=[colours[k] for k in values])
         ax_.set_title(title, fontsize=10)
     fig.suptitle(f"cuts = {result['cuts']}", fontsize=10)

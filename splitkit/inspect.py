@@ -1,6 +1,6 @@
 """Looking inside autograd: requires_grad at each stage, and which parameters the graph reaches.
 
-Used by the notebooks to show where the seeds' simplified version cuts the gradient.
+Used by the notebooks to show where the simplified version cuts the gradient.
 """
 
 import matplotlib.pyplot as plt
@@ -14,7 +14,7 @@ def stage_table(stages: dict) -> str:
         fn = type(t.grad_fn).__name__ if t.grad_fn is not None else "None"
         rows.append((name, str(tuple(t.shape)), str(t.requires_grad), str(t.is_leaf), fn, str(t.grad is not None)))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows)
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in rows)
 
 
 def reached_parameters(output: torch.Tensor) -> set[int]:
@@ -41,14 +41,16 @@ def draw_gradient_flow(flows: dict, title: str, ax=None):
     """Boxes for Bottom, Trunk (server), Top and the loss; the backward arrows are green where
     the gradient crosses, red and broken where it stops. `flows` maps 'top', 'trunk', 'bottom' to bools."""
     ax = ax or plt.subplots(figsize=(7, 1.6))[1]
-    boxes = [("Bottom\n(client)", "tab:blue"), ("Trunk\n(server)", "tab:grey"), ("Top\n(client)", "tab:orange"), ("loss", "white")]
+    boxes = [("Bottom\n(client)", "tab:blue"), ("Trunk\n(server)", "tab:grey"), ("Top\n(client)", "tab:orange"),
+             ("loss", "white")]
     for i, (label, colour) in enumerate(boxes):
         ax.add_patch(plt.Rectangle((i * 2.2, 0), 1.4, 1, facecolor=colour, alpha=0.35, edgecolor="black"))
         ax.text(i * 2.2 + 0.7, 0.5, label, ha="center", va="center", fontsize=9)
     for i, part in enumerate(["bottom", "trunk", "top"]):  # arrow from box i+1 back into box i
         ok = flows[part]
         ax.annotate("", xy=(i * 2.2 + 1.4, 0.5), xytext=((i + 1) * 2.2, 0.5),
-                    arrowprops=dict(arrowstyle="->", lw=2, color="green" if ok else "red", linestyle="-" if ok else "--"))
+                    arrowprops=dict(arrowstyle="->", lw=2, color="green" if ok else "red",
+                                    linestyle="-" if ok else "--"))
         if not ok:
             ax.text(i * 2.2 + 1.8, 0.75, "✗", color="red", ha="center", fontsize=14)
     ax.set(xlim=(-0.2, 8.2), ylim=(-0.2, 1.2), title=title)

@@ -32,7 +32,7 @@ def plot_lora_changes(histories, n_layers: int):
     a bar of height zero is a LoRA layer that never moved (the Bottom in "detach").
     """
     fig, axes = plt.subplots(len(histories), 1, figsize=(7, 1.9 * len(histories)), sharex=True, squeeze=False)
-    for ax, h in zip(axes[:, 0], histories):
+    for ax, h in zip(axes[:, 0], histories, strict=True):
         changes = layer_changes(h)
         a, b = h.cuts
         for start, stop, part in ((0, a, "bottom"), (a, b, "trunk"), (b, n_layers, "top")):

@@ -1,10 +1,11 @@
-"""Training LoRA through the split, in four modes, with the seeds' two client optimizers.
+"""Training LoRA through the split, in the four modes, with the simplified version's two client optimizers.
 
-"detach"     the seeds' simplified version as written: h1.detach() goes to the server, the
-             gradient stops at h2, and the Bottom never learns;
-"full"       the gradient protocol: dL/dh2 goes to the server, dL/dh1 comes back (frozen Trunk);
+"detach"     the simplified version as written: h1.detach() goes to the server, the gradient
+             stops at h2, and the Bottom never learns;
+"full"       the complete protocol: dL/dh2 goes to the server, dL/dh1 comes back (frozen Trunk);
 "full+trunk" the same, and the server trains the Trunk's own LoRA;
-"local"      the unsplit model with LoRA on every block: the baseline.
+"local"      the unsplit model, LoRA on every block: the reference.
+The simplified version is the one in the write-ups this kit answers (see the README).
 """
 
 import copy
@@ -13,15 +14,12 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from peft import get_peft_model
-from torch import nn
 from tqdm.auto import tqdm
 
 from .client import RemoteTrunk, TrunkClient
-from .split import LoraSpec, add_lora, check_cuts, init_lora, lora_config, lora_delta_norms, split_model
-
-MODES = ("detach", "full", "full+trunk", "local")
-SERVER_MODE = {"detach": "forward", "full": "full", "full+trunk": "full+trunk"}
+from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, unsplit_reference
+from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
+from .split import check_cuts, split_model
 
 
 def criterion(logits, labels):
@@ -34,117 +32,111 @@ def _adamw(module, lr):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
 
 
-@dataclass
 class Learner:
-    """What one training run holds on the client."""
+    """What one training run holds on the client: the parts with LoRA, their optimizers, the trunk client.
 
-    mode: str
-    cuts: tuple[int, int]
-    bottom: nn.Module | None = None
-    trunk: RemoteTrunk | None = None
-    top: nn.Module | None = None
-    optimizer_bottom: torch.optim.Optimizer | None = None
-    optimizer_top: torch.optim.Optimizer | None = None
-    client: TrunkClient | None = None
-    model: nn.Module | None = None  # "local" only: the unsplit PeftModel
-    optimizer: torch.optim.Optimizer | None = None  # "local" only
+    Learner(model, mode="full", cuts=(10, 20), address=...) copies `model`, puts LoRA where `mode`
+    trains it and opens a session on the trunk server at `address`. "local" needs no server; with
+    train_trunk=False it puts LoRA only on the blocks a split run keeps on the client.
+    """
+
+    def __init__(self, model, *, mode: str = FULL, cuts=(10, 20), address: str | None = None,
+                 lora: LoraSpec | None = None, lr: float = 1e-3, train_trunk: bool = True, **client_options):
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if mode != LOCAL and address is None:
+            raise ValueError(f"mode {mode!r} needs the address of a trunk server")
+        self.mode, self.cuts, self.lora = mode, check_cuts(cuts, model.config.num_hidden_layers), lora or LoraSpec()
+        self.model = self.bottom = self.top = self.trunk = self.client = None
+        model = copy.deepcopy(model)
+        if mode == LOCAL:
+            self.model = unsplit_reference(model, self.cuts, self.lora, train_trunk)  # the unsplit PeftModel
+            self.optimizers = [_adamw(self.model, lr)]
+            return
+        bottom, _, top = split_model(model, self.cuts)
+        self.bottom, self.top = add_lora(bottom, self.lora, model.config), add_lora(top, self.lora, model.config)
+        # the simplified version's two client optimizers; None for a part with no blocks to train
+        self.optimizer_bottom, self.optimizer_top = _adamw(self.bottom, lr), _adamw(self.top, lr)
+        self.optimizers = [self.optimizer_bottom, self.optimizer_top]
+        self.client = TrunkClient(address, **client_options)
+        trains_trunk = mode == FULL_TRUNK
+        self.client.hello(model.config.name_or_path, self.cuts, model.config.hidden_size, mode=mode,
+                          lora=self.lora if trains_trunk else None, lr=lr if trains_trunk else None)
+        self.trunk = RemoteTrunk(self.client, train_trunk=trains_trunk)
+
+    def zero_grad(self):
+        for opt in filter(None, self.optimizers):
+            opt.zero_grad(set_to_none=True)
+
+    def forward_backward(self, batch) -> torch.Tensor:
+        """One forward and backward pass; the gradients are left in .grad. Returns the loss."""
+        input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T), (B, T)
+        if self.mode == LOCAL:
+            loss = criterion(self.model(input_ids=input_ids).logits, labels)
+            loss.backward()
+            return loss
+        h1 = self.bottom(input_ids)  # (B, T, d)
+        if self.mode == DETACH:  # the simplified version, as written
+            h2 = self.client.forward(h1.detach())  # (B, T, d): a new tensor with no history
+            h2 = h2.requires_grad_(True)  # a new leaf: backward stops here
+        else:
+            h2 = self.trunk(h1)  # (B, T, d), differentiable through the server
+        logits = self.top(h2)  # (B, T, vocab)
+        loss = criterion(logits, labels)
+        if loss.requires_grad:  # False only when nothing before the loss trains (cuts (0, n), not full+trunk)
+            loss.backward()
+        return loss
+
+    def step(self, batch) -> float:
+        """One training step: zero_grad, forward_backward, the Trunk's step on the server, the client's steps."""
+        loss = self._gradients_of_one_server_life(batch)
+        for opt in filter(None, self.optimizers):
+            opt.step()
+        return loss.item()
+
+    def _gradients_of_one_server_life(self, batch) -> torch.Tensor:
+        # In full+trunk the Trunk's gradients live on the server. If the server restarts during
+        # this step, the client reopens its session with the Trunk LoRA it last saw, but this
+        # step's Trunk gradients died with the old server: compute the whole step again, once,
+        # so that the Bottom, the Top and the Trunk all step on the same batch.
+        for _ in range(2):
+            reopened = self.client.reopened if self.client else 0
+            self.zero_grad()
+            loss = self.forward_backward(batch)
+            if self.mode == FULL_TRUNK:
+                self.client.step()
+            if self.client is None or self.client.reopened == reopened:
+                break
+        return loss
+
+    def lora_grads(self) -> dict:
+        """{'12.self_attn.q_proj.lora_A': grad or None, ...} of the client's LoRA (the whole model's in local)."""
+        if self.mode == LOCAL:
+            return lora_grads(self.model)
+        return {**lora_grads(self.bottom), **lora_grads(self.top)}
 
     @torch.no_grad()
     def logits(self, input_ids):  # (B, T) -> (B, T, vocab)
-        if self.mode == "local":
+        if self.mode == LOCAL:
             return self.model(input_ids=input_ids).logits
-        return self.top(self.client.compute(self.bottom(input_ids)))
+        return self.top(self.client.forward(self.bottom(input_ids)))
 
     def delta_norms(self) -> dict:
         """{layer_key: ||B @ A * scaling||} over every LoRA layer, the Trunk's from the server."""
-        if self.mode == "local":
+        if self.mode == LOCAL:
             return lora_delta_norms(self.model)
-        out = {}
-        for part in (self.bottom, self.top):
-            out.update(lora_delta_norms(part))
-        out.update(self.client.last_step.get("delta_norms", {}))
-        return out
+        return {**lora_delta_norms(self.bottom), **lora_delta_norms(self.top),
+                **self.client.last_step.get("delta_norms", {})}
 
     def close(self):
         if self.client is not None:
             self.client.close()
 
+    def __enter__(self):
+        return self
 
-def make_learner(model, mode: str, cuts, address: str | None = None, lora: LoraSpec | None = None,
-                 lr: float = 1e-3, **client_options) -> Learner:
-    """Copy `model`, put LoRA where `mode` trains it, connect to the trunk server at `address`."""
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    lora = lora or LoraSpec()
-    cuts = check_cuts(cuts, model.config.num_hidden_layers)
-    model = copy.deepcopy(model)
-    if mode == "local":
-        peft_model = unsplit_reference(model, cuts, lora, train_trunk=True)
-        return Learner(mode, cuts, model=peft_model, optimizer=_adamw(peft_model, lr))
-    if address is None:
-        raise ValueError(f"mode {mode!r} needs the address of a trunk server")
-    bottom_part, _, top_part = split_model(model, cuts)
-    bottom_peft, top_peft = add_lora(bottom_part, lora, model.config), add_lora(top_part, lora, model.config)
-    client = TrunkClient(address, **client_options)
-    client.hello(model.config.name_or_path, cuts, model.config.hidden_size, mode=SERVER_MODE[mode],
-                 lora=lora if mode == "full+trunk" else None, lr=lr if mode == "full+trunk" else None)
-    return Learner(mode, cuts, bottom_peft, RemoteTrunk(client, train_trunk=mode == "full+trunk"), top_peft,
-                   _adamw(bottom_peft, lr), _adamw(top_peft, lr), client)
-
-
-def unsplit_reference(model, cuts, lora: LoraSpec, train_trunk: bool):
-    """The unsplit model (changed in place) with LoRA on the blocks a split run trains, same init."""
-    a, b = check_cuts(cuts, model.config.num_hidden_layers)
-    n = model.config.num_hidden_layers
-    layers = list(range(n)) if train_trunk else [*range(a), *range(b, n)]
-    config = lora_config(lora, model.config)
-    config.layers_to_transform = layers
-    config.layers_pattern = "h" if model.config.model_type == "gpt2" else "layers"
-    peft_model = get_peft_model(model, config)
-    init_lora(peft_model, lora)
-    return peft_model
-
-
-def forward_backward(learner: Learner, batch) -> torch.Tensor:
-    """One forward and backward pass; the gradients are left in .grad. Returns the loss."""
-    input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T), (B, T)
-    if learner.mode == "local":
-        loss = criterion(learner.model(input_ids=input_ids).logits, labels)
-        loss.backward()
-        return loss
-    hidden_1 = learner.bottom(input_ids)  # (B, T, d)
-    if learner.mode == "detach":  # the seeds' code, as written
-        hidden_2 = learner.client.compute(hidden_1.detach())  # (B, T, d)
-        hidden_2 = hidden_2.requires_grad_(True)  # a new leaf: backward stops here
-    else:
-        hidden_2 = learner.trunk(hidden_1)  # (B, T, d), differentiable through the server
-    output = learner.top(hidden_2)  # (B, T, vocab)
-    loss = criterion(output, labels)
-    if loss.requires_grad:  # False only when nothing before the loss is trainable (cuts (0, n), not full+trunk)
-        loss.backward()
-    return loss
-
-
-def zero_grad(learner: Learner):
-    for opt in (learner.optimizer_bottom, learner.optimizer_top, learner.optimizer):
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-
-
-def train_step(learner: Learner, batch) -> float:
-    """forward_backward, then every optimizer steps. A server restart mid-step costs one redo."""
-    for _ in range(2):
-        reopened = learner.client.reopened if learner.client else 0
-        zero_grad(learner)
-        loss = forward_backward(learner, batch)
-        if learner.mode == "full+trunk":
-            learner.client.step()
-        if learner.client is None or learner.client.reopened == reopened:
-            break  # else the trunk's gradients died with the old server: do the step again
-    for opt in (learner.optimizer_bottom, learner.optimizer_top, learner.optimizer):
-        if opt is not None:
-            opt.step()
-    return loss.item()
+    def __exit__(self, *exc):
+        self.close()
 
 
 @dataclass
@@ -170,7 +162,7 @@ def train(learner: Learner, batches, steps: int, progress: bool = True) -> Histo
     bar = tqdm(range(steps), desc=learner.mode, disable=not progress)
     for _ in bar:
         sent0, recv0, t0 = _bytes(learner) + (time.perf_counter(),)
-        loss = train_step(learner, next(batches))
+        loss = learner.step(next(batches))
         sent1, recv1 = _bytes(learner)
         history.loss.append(loss)
         history.seconds.append(time.perf_counter() - t0)
@@ -211,5 +203,5 @@ def generate(learner: Learner, tokenizer, prompts, max_new_tokens: int = 4) -> l
 def exact_match(learner: Learner, tokenizer, pairs) -> tuple[float, list[str]]:
     """Fraction of prompts whose greedy answer (first line) equals the expected one; and the answers."""
     answers = generate(learner, tokenizer, [p for p, _ in pairs])
-    hits = [a.strip().split("\n")[0] == want.strip() for a, (_, want) in zip(answers, pairs)]
+    hits = [a.strip().split("\n")[0] == want.strip() for a, (_, want) in zip(answers, pairs, strict=True)]
     return sum(hits) / len(pairs), answers
