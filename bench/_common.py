@@ -1,18 +1,12 @@
-"""What every benchmark shares: the machine it ran on, a trunk server in its own process, tables."""
+"""What every benchmark shares: the machine it ran on, medians, tables (servers come from splitkit.testing)."""
 
 import os
 import platform
-import socket
 import statistics
-import subprocess
-import sys
-import time
 from datetime import date
 from pathlib import Path
 
 import torch
-
-from splitkit.client import TrunkClient, TrunkError
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -34,52 +28,6 @@ def machine() -> str:
 
 def median_ms(seconds) -> float:
     return 1000 * statistics.median(seconds)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """`trunk_server.py` in a process of its own, as a class would run it; ready when it answers."""
-
-    def __init__(self, model: str, cuts, *args: str, timeout: float = 300):
-        self.address = f"tcp://127.0.0.1:{free_port()}"
-        command = [sys.executable, str(ROOT / "trunk_server.py"), "--model", model, "--cuts", *map(str, cuts),
-                   "--bind", self.address, "--log-level", "WARNING", *args]
-        self.started = time.perf_counter()
-        self.process = subprocess.Popen(command)
-        self.ready_after = self._wait(timeout)
-
-    def _wait(self, timeout: float) -> float:
-        """Seconds from the start of the process to its first answer."""
-        deadline = self.started + timeout
-        with TrunkClient(self.address, timeout=0.2, retries=0) as probe:
-            while time.perf_counter() < deadline:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"trunk_server.py exited with {self.process.returncode}")
-                try:
-                    probe.stats()
-                    return time.perf_counter() - self.started
-                except TrunkError:
-                    continue
-        self.stop()
-        raise RuntimeError(f"trunk_server.py did not answer within {timeout:g} s")
-
-    def stop(self):
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.stop()
 
 
 def write_table(name: str, title: str, columns, rows, notes: str = "", out: Path | None = None) -> Path:

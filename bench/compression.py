@@ -14,28 +14,20 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import ServerProcess, median_ms, write_table
-from splitkit import load_model, make_learner
+from _common import median_ms, write_table
+from splitkit import Learner, load_model
 from splitkit.data import batches, facts
 from splitkit.models import SMOLLM2
-from splitkit.split import lora_grads
-from splitkit.train import forward_backward, train_step, zero_grad
-from step import parse_size, random_batch
+from splitkit.testing import ServerProcess, max_rel_diff, random_batch
+from step import parse_size
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 def gradients(learner, batch) -> dict:
-    zero_grad(learner)
-    forward_backward(learner, batch)
-    return {f"{part}.{k}": g for part, module in (("bottom", learner.bottom), ("top", learner.top))
-            for k, g in lora_grads(module).items()}
-
-
-def rel_diff(grads: dict, reference: dict) -> float:
-    num = sum(float((grads[k] - reference[k]).square().sum()) for k in reference)
-    den = sum(float(reference[k].square().sum()) for k in reference)
-    return (num / den) ** 0.5
+    learner.zero_grad()
+    learner.forward_backward(batch)
+    return learner.lora_grads()
 
 
 def main(argv=None):
@@ -52,7 +44,7 @@ def main(argv=None):
 
     model, tokenizer = load_model(args.model)
     with ServerProcess(args.model, args.cuts) as server:
-        learners = {d: make_learner(model, "full", args.cuts, server.address, lr=args.lr, wire_dtype=d)
+        learners = {d: Learner(model, mode="full", cuts=args.cuts, address=server.address, lr=args.lr, wire_dtype=d)
                     for d in DTYPES}
         # 1. gradients of one batch (nothing has trained yet, so all three hold the same weights)
         batch = next(batches(tokenizer, facts(), 8, seed=123))
@@ -62,16 +54,16 @@ def main(argv=None):
         streams = {d: batches(tokenizer, facts(), 8, seed=0) for d in DTYPES}
         for _ in range(args.steps):
             for d, learner in learners.items():
-                curves[d].append(train_step(learner, next(streams[d])))
+                curves[d].append(learner.step(next(streams[d])))
         # 3. time and bytes per step at the given size, in turns
         seconds, wire_bytes = {d: [] for d in DTYPES}, {}
         for i in range(args.warmup + args.reps):
-            timed = random_batch(model.config.vocab_size, *args.size, seed=i)
+            timed = random_batch(model.config.vocab_size, *args.size, seed=i, prompt=0)
             order = DTYPES[i % 3:] + DTYPES[:i % 3]
             for d in order:
                 c = learners[d].client
                 before, t0 = c.bytes_sent + c.bytes_received, time.perf_counter()
-                train_step(learners[d], timed)
+                learners[d].step(timed)
                 if i >= args.warmup:
                     seconds[d].append(time.perf_counter() - t0)
                 wire_bytes[d] = c.bytes_sent + c.bytes_received - before
@@ -82,15 +74,15 @@ def main(argv=None):
     rows = []
     for d in DTYPES:
         ms = median_ms(seconds[d])
-        max_gap = max(abs(x - y) for x, y in zip(curves[d], curves["float32"]))
+        max_gap = max(abs(x - y) for x, y in zip(curves[d], curves["float32"], strict=True))
         rows.append([d, f"{wire_bytes[d] / 1e6:.2f}", f"{wire_bytes[d] / mb32:.2f}", f"{ms:.0f}",
-                     f"{ms / ms32:.3f}", f"{rel_diff(grads[d], grads['float32']):.1e}",
+                     f"{ms / ms32:.3f}", f"{max_rel_diff(grads[d], grads['float32']):.1e}",
                      f"{curves[d][0]:.3f} → {curves[d][9]:.3f} → {curves[d][-1]:.3f}", f"{max_gap:.3f}"])
     b, t = args.size
     notes = f"""
 {args.model}, cuts {tuple(args.cuts)}, `full` mode, trunk server in its own process on loopback.
 Bytes and time: a step at {b}×{t} tokens, median of {args.reps} after {args.warmup} of warm-up, the
-three learners in turns. Gradient difference: ‖g − g_float32‖ / ‖g_float32‖ over every LoRA gradient
+three learners in turns. Gradient difference: the largest ‖g − g_float32‖ / ‖g_float32‖ over the LoRA gradients
 of the Bottom and the Top, one batch of the kit's task. Loss: steps 1, 10 and {args.steps} of training
 on the kit's task (lr {args.lr}, batches of 8), and the largest gap to float32's curve at any step.
 """

@@ -16,8 +16,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import ServerProcess, write_table
+from _common import write_table
 from splitkit.models import SMOLLM2
+from splitkit.testing import ServerProcess
 
 PROBE = """
 import json, time

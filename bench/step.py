@@ -11,16 +11,13 @@ over ZeroMQ on loopback, as in a class.
 """
 
 import argparse
-import copy
 import time
 from pathlib import Path
 
-import torch
-
-from _common import ServerProcess, median_ms, ratio, write_table
-from splitkit import LoraSpec, load_model, make_learner
+from _common import median_ms, ratio, write_table
+from splitkit import Learner, LoraSpec, load_model
 from splitkit.models import SMOLLM2
-from splitkit.train import Learner, train_step, unsplit_reference
+from splitkit.testing import ServerProcess, random_batch
 
 # (name, mode, which server, the unsplit variant it is measured against, target ratio)
 VARIANTS = [
@@ -31,19 +28,6 @@ VARIANTS = [
     ("unsplit, LoRA on every block", "local", None, None, None),
     ("full+trunk", "full+trunk", "server", "unsplit, LoRA on every block", None),
 ]
-
-
-def unsplit_learner(model, cuts, lora, lr) -> Learner:
-    """The unsplit model with LoRA on the same blocks as the client's parts: what `full` must match."""
-    peft_model = unsplit_reference(copy.deepcopy(model), cuts, lora, train_trunk=False)
-    params = [p for p in peft_model.parameters() if p.requires_grad]
-    return Learner("local", cuts, model=peft_model, optimizer=torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
-
-
-def random_batch(vocab: int, batch: int, seq: int, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (batch, seq), generator=g)
-    return {"input_ids": ids, "labels": ids.clone()}
 
 
 def parse_size(text: str) -> tuple[int, int]:
@@ -74,19 +58,20 @@ def main(argv=None):
         for batch_size, seq in args.sizes:
             learners = {}  # fresh for each size: every variant starts from the same weights
             for name, mode, where, _, _ in VARIANTS:
-                learners[name] = (unsplit_learner(model, args.cuts, lora, args.lr) if name == "unsplit" else
-                                  make_learner(model, mode, args.cuts, addresses.get(where), lora, lr=args.lr))
+                # "unsplit": LoRA on the same blocks as the client's parts, what `full` must match
+                learners[name] = Learner(model, mode=mode or "local", cuts=args.cuts, address=addresses.get(where),
+                                         lora=lora, lr=args.lr, train_trunk=name != "unsplit")
             seconds = {name: [] for name in learners}
             first_loss, wire_bytes = {}, {}
             for i in range(args.warmup + args.reps):
-                batch = random_batch(vocab, batch_size, seq, seed=i)
+                batch = random_batch(vocab, batch_size, seq, seed=i, prompt=0)
                 names = list(learners)
                 names = names[i % len(names):] + names[:i % len(names)]
                 for name in names:
                     learner = learners[name]
                     sent = _bytes(learner)
                     t0 = time.perf_counter()
-                    loss = train_step(learner, batch)
+                    loss = learner.step(batch)
                     if i >= args.warmup:
                         seconds[name].append(time.perf_counter() - t0)
                     first_loss.setdefault(name, loss)
@@ -105,10 +90,10 @@ def main(argv=None):
 
     a, b = args.cuts
     notes = f"""
-{args.model}, cuts ({a}, {b}): the client runs blocks [0, {a}) and [{b}, {model.config.num_hidden_layers}), the trunk servers
-blocks [{a}, {b}) on {args.server_device}, each in a process of its own on loopback. LoRA r={lora.r} on
-{', '.join(lora.targets(model.config))}, AdamW. Median of {args.reps} steps after {args.warmup} of warm-up, per variant and size,
-the variants in turns; "spread" is the slowest minus the fastest of them. A ratio is against the
+{args.model}, cuts ({a}, {b}): the client runs blocks [0, {a}) and [{b}, {model.config.num_hidden_layers}), the trunk
+servers blocks [{a}, {b}) on {args.server_device}, each in a process of its own on loopback. LoRA r={lora.r} on
+{', '.join(lora.targets(model.config))}, AdamW. Median of {args.reps} steps after {args.warmup} of warm-up, per variant
+and size, the variants in turns; "spread" is the slowest minus the fastest of them. A ratio is against the
 unsplit model with LoRA on the same blocks; ✓/✗ marks a target (full ≤ 1.03×, stateless fallback
 ≤ 1.20×). "loss at step 1" is the same for every variant: the split changes no arithmetic.
 The fallback server recomputed {recomputed['fallback']} forwards; the stateful one {recomputed['server']}.

@@ -22,8 +22,9 @@ import torch
 import zmq
 from zmq.sugar.socket import DEFAULT_PROTOCOL  # what send_pyobj pickles with
 
-from _common import free_port, median_ms, ratio, write_table
+from _common import median_ms, ratio, write_table
 from splitkit import wire
+from splitkit.testing import free_port
 
 SHAPES = [(1, 64, 576), (8, 64, 576), (8, 128, 576), (16, 256, 576)]
 
@@ -86,9 +87,10 @@ def main(argv=None):
     server.start()
     ctx = zmq.Context()
     sockets = [ctx.socket(zmq.REQ) for _ in range(3)]
-    for sock, address in zip(sockets, (ours, bare, bare)):
+    for sock, address in zip(sockets, (ours, bare, bare), strict=True):
         sock.connect(address)
-    kinds = list(zip(("splitkit", "pickle", "bare"), sockets, (round_trip_ours, round_trip_pickle, round_trip_bare)))
+    kinds = list(zip(("splitkit", "pickle", "bare"), sockets, (round_trip_ours, round_trip_pickle, round_trip_bare),
+                     strict=True))
     rows = []
     for shape in args.shapes:
         shape = tuple(int(s) for s in shape.split("x"))
@@ -105,7 +107,8 @@ def main(argv=None):
         rows.append(["×".join(map(str, shape)), f"{mb:.2f}", f"{ms['bare']:.3f}",
                      f"{ms['splitkit']:.3f}" + (" ✓" if ms["splitkit"] <= 1.5 else " ✗") * targeted,
                      f"{ms['pickle']:.3f}", f"{2 * mb / ms['splitkit']:.2f}",
-                     ratio(ms["pickle"] / ms["splitkit"]) + (" ✓" if ms["pickle"] / ms["splitkit"] >= 4 else " ✗") * targeted,
+                     ratio(ms["pickle"] / ms["splitkit"])
+                     + (" ✓" if ms["pickle"] / ms["splitkit"] >= 4 else " ✗") * targeted,
                      ratio(ms["pickle"] / ms["bare"])])
     sockets[0].send_multipart([b""])  # stop the echo process
     server.join(10)

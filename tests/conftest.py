@@ -1,13 +1,13 @@
-"""Shared fixtures: tiny models, SmolLM2, and trunk servers on random loopback ports."""
+"""Shared fixtures: tiny models, SmolLM2, trunk servers on random loopback ports, and sockets that get closed."""
 
-import copy
+from contextlib import contextmanager
 
 import pytest
-import torch
+import zmq
 
-from splitkit import LoraSpec, TrunkServer, load_model
+from splitkit import LoraSpec, TrunkClient, TrunkServer, load_model
 
-RTOL = 1e-5
+RTOL = 1e-5  # split against unsplit: the largest relative difference a gradient check allows
 
 
 @pytest.fixture(scope="session")
@@ -18,6 +18,11 @@ def smollm2():
 @pytest.fixture(scope="session", params=["tiny-llama", "tiny-gpt2"])
 def tiny(request):
     return load_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return load_model("tiny-llama")[0]
 
 
 @pytest.fixture
@@ -36,29 +41,39 @@ def serve():
         s.stop()
 
 
+def _dealer(address, timeout_ms: int = 5000) -> zmq.Socket:
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.linger, sock.rcvtimeo = 0, timeout_ms
+    sock.connect(address)
+    return sock
+
+
+@contextmanager
+def _closed_afterwards(make, close):
+    """A factory that calls `make` and remembers what it made, to `close` each one at the end, whatever happens."""
+    made = []
+    try:
+        yield lambda *args, **kwargs: made.append(make(*args, **kwargs)) or made[-1]
+    finally:
+        for thing in made:
+            close(thing)
+
+
+@pytest.fixture
+def client():
+    """client(address, **options) -> a TrunkClient, closed after the test."""
+    with _closed_afterwards(TrunkClient, TrunkClient.close) as make:
+        yield make
+
+
+@pytest.fixture
+def raw_socket():
+    """raw_socket(address) -> a DEALER socket that times out instead of hanging; closed with linger=0."""
+    with _closed_afterwards(_dealer, lambda sock: sock.close(linger=0)) as make:
+        yield make
+
+
 @pytest.fixture
 def spec():
     """A LoRA whose B starts non-zero, so that lora_A gets a gradient too."""
     return LoraSpec(r=4, lora_alpha=8, init_b=0.02, seed=3)
-
-
-def random_batch(vocab: int, B: int = 2, T: int = 12, seed: int = 0) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (B, T), generator=g)
-    labels = ids.clone()
-    labels[:, : T // 3] = -100
-    return {"input_ids": ids, "labels": labels}
-
-
-def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
-def reference_grads(model, cuts, spec, batch, train_trunk: bool) -> dict:
-    """LoRA gradients of the unsplit model on `batch`."""
-    from splitkit.split import lora_grads
-    from splitkit.train import criterion, unsplit_reference
-
-    ref = unsplit_reference(copy.deepcopy(model), cuts, spec, train_trunk)
-    criterion(ref(input_ids=batch["input_ids"]).logits, batch["labels"]).backward()
-    return lora_grads(ref)

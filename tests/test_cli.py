@@ -21,10 +21,12 @@ def test_keys_command(tmp_path):
     out = subprocess.run([sys.executable, "-m", "splitkit", "keys", str(tmp_path / "k")], cwd=ROOT,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert {p.name for p in (tmp_path / "k").iterdir()} >= {"server.key", "server.key_secret", "client.key_secret", "authorized"}
+    made = {p.name for p in (tmp_path / "k").iterdir()}
+    assert made >= {"server.key", "server.key_secret", "client.key_secret", "authorized"}
     assert (tmp_path / "k" / "authorized" / "client.key").exists()
 
 
 def test_trunk_server_help():
-    out = subprocess.run([sys.executable, "trunk_server.py", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run([sys.executable, "trunk_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
     assert out.returncode == 0 and "--cuts" in out.stdout and "--curve-dir" in out.stdout

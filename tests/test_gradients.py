@@ -5,17 +5,16 @@ import copy
 import pytest
 import torch
 
-from splitkit import load_model, lora_grads, make_learner
-from splitkit.train import forward_backward, train_step, zero_grad
+from splitkit import Learner, load_model
+from splitkit.testing import max_rel_diff, random_batch, reference_grads, rel_diff
 
-from .conftest import RTOL, random_batch, reference_grads, rel_diff
+from .conftest import RTOL
 
 
-def split_grads(model, cuts, spec, batch, mode, address):
-    learner = make_learner(model, mode, cuts, address, lora=spec)
-    zero_grad(learner)
-    forward_backward(learner, batch)
-    return learner, {**lora_grads(learner.bottom), **lora_grads(learner.top)}
+def split_grads(model, cuts, spec, batch, mode, address, **options):
+    learner = Learner(model, mode=mode, cuts=cuts, address=address, lora=spec, **options)
+    learner.forward_backward(batch)
+    return learner, learner.lora_grads()
 
 
 def assert_grads_match(got: dict, want: dict):
@@ -36,7 +35,7 @@ def test_full_mode_matches_unsplit(tiny, serve, spec, cuts):
 def test_full_mode_matches_unsplit_on_smollm2(smollm2, serve, spec):
     model, tokenizer = smollm2
     cuts = (10, 20)
-    batch = random_batch(2000, B=2, T=16)
+    batch = random_batch(2000, batch=2, seq=16)
     _, got = split_grads(model, cuts, spec, batch, "full", serve(model, cuts))
     assert len(got) == 20 * 2 * 2  # 20 client blocks x (q_proj, v_proj) x (A, B)
     assert_grads_match(got, reference_grads(model, cuts, spec, batch, train_trunk=False))
@@ -48,19 +47,19 @@ def test_full_trunk_mode_matches_unsplit_including_trunk(request, serve, spec, m
     batch = random_batch(min(model.config.vocab_size, 2000))
     address = serve(model, cuts)
     learner, got = split_grads(model, cuts, spec, batch, "full+trunk", address)
-    server = serve.servers[-1]
-    trunk = lora_grads(server.peft, f"s{learner.client.session}")
+    trunk = serve.servers[-1].sessions.lora_grads(learner.client.session)
     client_blocks = model.config.num_hidden_layers - (cuts[1] - cuts[0])
     assert len(trunk) == (cuts[1] - cuts[0]) * len(got) // client_blocks  # LoRA on every trunk block
-    want = reference_grads(model, cuts, spec, batch, train_trunk=True)
-    assert_grads_match({**got, **trunk}, want)
+    assert_grads_match({**got, **trunk}, reference_grads(model, cuts, spec, batch, train_trunk=True))
 
 
 def test_stateless_fallback_gives_the_same_gradients(tiny, serve, spec):
+    from splitkit.sessions import Limits
+
     model, _ = tiny
     cuts = (2, 4)
     batch = random_batch(model.config.vocab_size)
-    address = serve(model, cuts, states_per_session=0)  # the server keeps no state: always recompute
+    address = serve(model, cuts, limits=Limits(states_per_session=0))  # the server keeps no state: always recompute
     _, got = split_grads(model, cuts, spec, batch, "full", address)
     assert serve.servers[-1].counters["recomputed"] == 1
     assert_grads_match(got, reference_grads(model, cuts, spec, batch, train_trunk=False))
@@ -72,31 +71,27 @@ def test_half_precision_on_the_wire_gives_close_gradients(tiny, serve, spec, wir
     model, _ = tiny
     cuts = (2, 4)
     batch = random_batch(model.config.vocab_size)
-    learner = make_learner(model, "full", cuts, serve(model, cuts), lora=spec, wire_dtype=wire_dtype)
-    zero_grad(learner)
-    forward_backward(learner, batch)
-    got = {**lora_grads(learner.bottom), **lora_grads(learner.top)}
-    want = reference_grads(model, cuts, spec, batch, train_trunk=False)
-    diffs = [rel_diff(g, want[name]) for name, g in got.items()]
-    assert 0 < max(diffs) <= tolerance, f"largest relative difference {max(diffs):.1e}"
+    learner, got = split_grads(model, cuts, spec, batch, "full", serve(model, cuts), wire_dtype=wire_dtype)
+    diff = max_rel_diff(got, reference_grads(model, cuts, spec, batch, train_trunk=False))
+    assert 0 < diff <= tolerance, f"largest relative difference {diff:.1e}"
     assert all(m["dtype"] == wire_dtype for m in learner.client.messages)
     assert learner.client.messages[-1]["sent_bytes"] < 0.6 * 4 * batch["input_ids"].numel() * model.config.hidden_size
 
 
 def test_detach_mode_leaves_bottom_without_gradient(tiny, serve, spec):
-    """The seeds' simplified version: the Bottom gets no gradient and never changes; the Top does."""
+    """The simplified version: the Bottom gets no gradient and never changes; the Top does."""
     model, _ = tiny
     cuts = (2, 4)
-    learner = make_learner(model, "detach", cuts, serve(model, cuts), lora=spec, lr=1e-2)
+    learner = Learner(model, mode="detach", cuts=cuts, address=serve(model, cuts), lora=spec, lr=1e-2)
     bottom_before = {n: p.detach().clone() for n, p in learner.bottom.named_parameters() if p.requires_grad}
     top_before = {n: p.detach().clone() for n, p in learner.top.named_parameters() if p.requires_grad}
-    zero_grad(learner)
-    forward_backward(learner, random_batch(model.config.vocab_size))
-    bottom = lora_grads(learner.bottom)
+    learner.forward_backward(random_batch(model.config.vocab_size))
+    bottom = {k: g for k, g in learner.lora_grads().items() if int(k.split(".")[0]) < cuts[0]}
+    top = {k: g for k, g in learner.lora_grads().items() if int(k.split(".")[0]) >= cuts[1]}
     assert bottom and all(g is None for g in bottom.values())
-    assert all(g is not None and g.abs().sum() > 0 for g in lora_grads(learner.top).values())
+    assert top and all(g is not None and g.abs().sum() > 0 for g in top.values())
     for seed in range(3):
-        train_step(learner, random_batch(model.config.vocab_size, seed=seed))
+        learner.step(random_batch(model.config.vocab_size, seed=seed))
     for n, p in learner.bottom.named_parameters():
         if n in bottom_before:
             assert torch.equal(p, bottom_before[n]), f"{n} changed"
@@ -108,11 +103,11 @@ def test_local_and_full_trunk_train_alike(tiny, serve, spec):
     """Three optimizer steps: the split run (Trunk LoRA trained on the server) tracks the unsplit run."""
     model, _ = tiny
     cuts = (2, 4)
-    split = make_learner(model, "full+trunk", cuts, serve(model, cuts), lora=spec, lr=1e-2)
-    local = make_learner(copy.deepcopy(model), "local", cuts, lora=spec, lr=1e-2)
+    split = Learner(model, mode="full+trunk", cuts=cuts, address=serve(model, cuts), lora=spec, lr=1e-2)
+    local = Learner(copy.deepcopy(model), mode="local", cuts=cuts, lora=spec, lr=1e-2)
     for seed in range(3):
         batch = random_batch(model.config.vocab_size, seed=seed)
-        a, b = train_step(split, batch), train_step(local, batch)
+        a, b = split.step(batch), local.step(batch)
         assert abs(a - b) <= 1e-4 * abs(b)
     norms_split, norms_local = split.delta_norms(), local.delta_norms()
     assert norms_split.keys() == norms_local.keys()

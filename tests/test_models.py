@@ -13,7 +13,7 @@ def test_tiny_presets_are_seeded_and_small():
     for name in models.PRESETS:
         a, tok = load_model(name, seed=1)
         b, _ = load_model(name, seed=1)
-        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+        assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters(), strict=True))
         assert sum(p.numel() for p in a.parameters()) < 500_000
         assert tok("hi").input_ids[-1] == a.config.eos_token_id
 

@@ -5,14 +5,13 @@ import torch
 
 from splitkit import count_parameters, split_model
 from splitkit.split import n_layers
-
-from .conftest import random_batch
+from splitkit.testing import random_batch
 
 
 @pytest.mark.parametrize("cuts", [(0, 3), (2, 4), (1, 6), (0, 6), (5, 6)])
 def test_split_logits_equal_unsplit(tiny, cuts):
     model, _ = tiny
-    ids = random_batch(model.config.vocab_size, B=3, T=17)["input_ids"]
+    ids = random_batch(model.config.vocab_size, batch=3, seq=17)["input_ids"]
     bottom, trunk, top = split_model(model, cuts)
     with torch.no_grad():
         h1 = bottom(ids)

@@ -1,0 +1,135 @@
+"""Bad input to the trunk server: every message gets a clear error reply, and the server goes on."""
+
+import json
+import pickle
+
+import psutil
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+
+from splitkit import TrunkError, TrunkServer
+from splitkit import protocol as P
+from splitkit.sessions import Limits
+from splitkit.split import split_model
+from splitkit.wire import encode
+
+from .strategies import D, malformed
+
+CUTS = (2, 4)
+
+
+def hello(client, model, mode=P.FULL, **kw):
+    return client.hello("tiny-llama", CUTS, model.config.hidden_size, mode=mode, **kw)
+
+
+def ask(sock, frames) -> dict:
+    """Send frames as a REQ would (empty delimiter first) and return the reply header."""
+    sock.send_multipart([b"", *frames])
+    reply = sock.recv_multipart()  # raises zmq.Again after rcvtimeo instead of hanging
+    assert reply[0] == b""
+    return json.loads(reply[1])
+
+
+def test_fuzz_server_survives_and_stays_bounded(llama, serve, client, raw_socket, monkeypatch):
+    def no_unpickling(*args, **kwargs):
+        raise AssertionError("something unpickled bytes from the wire")
+    monkeypatch.setattr(pickle, "loads", no_unpickling)
+    monkeypatch.setattr(pickle, "load", no_unpickling)
+    address = serve(llama, CUTS, limits=Limits(max_sessions=16, states_total=8))
+    server = serve.servers[-1]
+    rss_before = psutil.Process().memory_info().rss
+    sock = raw_socket(address)
+    count = 0
+
+    @settings(max_examples=1200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(malformed())
+    def send(frames):
+        nonlocal count
+        reply = ask(sock, frames)
+        count += 1
+        assert isinstance(reply, dict) and "ok" in reply and "id" in reply
+        if not reply["ok"]:
+            assert reply["error"] and reply["code"] in set(P.CODES) - {P.INTERNAL}, reply
+
+    send()
+    assert count >= 1000
+    assert server.counters["errors"] >= 900
+    assert server.stats()["states"] <= 8 and len(server.sessions) <= 16
+    assert psutil.Process().memory_info().rss - rss_before < 300 << 20
+    # still serving, correctly
+    c = client(address, timeout=5)
+    hello(c, llama)
+    h1 = torch.randn(2, 5, D)
+    with torch.no_grad():
+        want = split_model(llama, CUTS).trunk(h1)
+    assert torch.allclose(c.forward(h1), want, atol=1e-6)
+
+
+def test_oversized_batch_is_refused(llama, serve, client):
+    c = client(serve(llama, CUTS, limits=Limits(max_tokens=32)), timeout=5)
+    hello(c, llama)
+    with pytest.raises(TrunkError, match="over this server's limit of 32") as e:
+        c.forward(torch.zeros(4, 9, D))
+    assert e.value.code == P.BAD_REQUEST
+
+
+def test_wrong_hidden_size_is_refused(llama, serve, client):
+    c = client(serve(llama, CUTS), timeout=5)
+    hello(c, llama)
+    with pytest.raises(TrunkError, match=r"must be \(B, T, 64\)"):
+        c.forward(torch.zeros(1, 3, 65))
+
+
+def test_handshake_refuses_other_cuts(llama, serve, client):
+    c = client(serve(llama, CUTS), timeout=5)
+    with pytest.raises(TrunkError, match=r"runs blocks \[2, 4\) of tiny-llama.*cuts=\[3, 4\]") as e:
+        c.hello("tiny-llama", (3, 4), D)
+    assert e.value.code == P.MISMATCH
+
+
+def test_handshake_refuses_another_hidden_size(llama, serve, client):
+    c = client(serve(llama, CUTS), timeout=5)
+    with pytest.raises(TrunkError, match="hidden_size=576") as e:
+        c.hello("tiny-llama", CUTS, 576)
+    assert e.value.code == P.MISMATCH
+
+
+def test_hello_advertises_the_limits(llama, serve, client):
+    c = client(serve(llama, CUTS, limits=Limits(max_tokens=100, states_per_session=2)), timeout=5)
+    limits = hello(c, llama)["limits"]
+    assert limits["max_tokens"] == 100 and limits["states_per_session"] == 2 and limits["max_sessions"] == 128
+
+
+def test_detach_session_cannot_keep_a_forward_state(llama, serve, client):
+    c = client(serve(llama, CUTS), timeout=5)
+    hello(c, llama, mode=P.DETACH)
+    with pytest.raises(TrunkError, match="detach mode"):
+        c.forward(torch.zeros(1, 2, D), key=0)
+    assert c.forward(torch.zeros(1, 2, D)).shape == (1, 2, D)
+
+
+def test_an_error_reply_is_not_kept_so_a_corrected_request_may_reuse_its_id(llama, serve, client, raw_socket):
+    address = serve(llama, CUTS)
+    c = client(address, timeout=5)
+    hello(c, llama)
+    sock = raw_socket(address)
+    request = {"op": P.FORWARD, "session": c.session, "id": 50}
+    bad = ask(sock, encode(request, [torch.zeros(1, 2, D + 1)]))
+    assert not bad["ok"] and bad["id"] == 50 and bad["code"] == P.BAD_REQUEST
+    good = ask(sock, encode(request, [torch.zeros(1, 2, D)]))
+    assert good["ok"] and good["id"] == 50 and good["tensors"] == [{"dtype": "float32", "shape": [1, 2, D]}]
+
+
+@pytest.mark.parametrize("damage, message", [("nan", "contains NaN or infinity"), ("shape", "has shape")])
+def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, damage, message):
+    server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
+             "hidden_size": llama.config.hidden_size, "mode": P.FULL_TRUNK, "lora": spec.to_json(), "lr": 1e-3}
+    assert json.loads(server.handle(encode(hello))[0])["ok"]
+    names, tensors = zip(*((n, p.detach().clone()) for n, p in server.sessions.lora_parameters(
+        server.sessions.get("a" * 32))), strict=True)
+    tensors = list(tensors)
+    tensors[1] = tensors[1][:, :-1] if damage == "shape" else tensors[1].fill_(float("nan"))
+    reply = json.loads(server.handle(encode(dict(hello, session="b" * 32, names=list(names)), tensors))[0])
+    assert not reply["ok"] and message in reply["error"] and server.sessions.get("b" * 32) is None
