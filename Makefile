@@ -9,7 +9,7 @@ CHROMIUM ?= /usr/bin/chromium
 ROOT_USER := $(filter 0,$(shell id -u))
 SUDO := $(if $(ROOT_USER),,sudo)
 
-.PHONY: setup lab test bench clean
+.PHONY: setup lab test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -29,8 +29,12 @@ lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=$(NOTEBOOKS) --port=$(PORT) --ServerApp.default_url=/lab/tree/00_start_here.ipynb \
 		$(if $(ROOT_USER),--allow-root) $(LAB_ARGS)
 
-test: setup $(CHROMIUM)
+test: setup $(CHROMIUM) lint
 	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+
+# ruff, as configured in pyproject.toml: the code, the tests, the benchmarks and the notebooks
+lint: setup
+	$(VENV)/bin/ruff check .
 
 # Benchmarks: tables in bench/results/ (about 35 minutes on 2 CPU cores)
 bench: setup
