@@ -38,7 +38,7 @@ def test_received_tensors_are_writable_and_own_their_bytes(pair):
     _, (x,) = wire.decode(b.recv_multipart(copy=False))
     x += 1  # no warning, no error: the frame's memory is writable and the tensor keeps it alive
     assert torch.equal(x, t + 1)
-    _, (y,) = wire.decode([json.dumps({"v": 1, "tensors": [{"dtype": "float32", "shape": [3]}]}).encode(),
+    _, (y,) = wire.decode([json.dumps({"v": wire.PROTOCOL, "tensors": [{"dtype": "float32", "shape": [3]}]}).encode(),
                            np.arange(3, dtype=np.float32).tobytes()])  # read-only bytes: copied
     y[0] = 5
     assert y.tolist() == [5, 1, 2]
@@ -48,7 +48,7 @@ def test_a_misaligned_frame_is_copied_not_misread():
     raw = bytearray(4 * 6 + 1)
     view = memoryview(raw)[1:]  # one byte off: no float32 can start there
     view[:] = np.arange(6, dtype=np.float32).tobytes()
-    header = json.dumps({"v": 1, "tensors": [{"dtype": "float32", "shape": [2, 3]}]}).encode()
+    header = json.dumps({"v": wire.PROTOCOL, "tensors": [{"dtype": "float32", "shape": [2, 3]}]}).encode()
     _, (t,) = wire.decode([header, view])
     assert t.data_ptr() % 4 == 0 and t.tolist() == [[0, 1, 2], [3, 4, 5]]
 
@@ -75,7 +75,7 @@ def test_all_finite(dtype):
 
 
 def _header(**fields) -> bytes:
-    return json.dumps({"v": 1, **fields}).encode()
+    return json.dumps({"v": wire.PROTOCOL, **fields}).encode()
 
 
 @pytest.mark.parametrize("frames, message", [
@@ -83,7 +83,7 @@ def _header(**fields) -> bytes:
     ([b"\xff\xfe"], "not UTF-8 JSON"),
     ([b"[1, 2]"], "must be a JSON object"),
     ([b'{"v": 1, "x": NaN}'], "not UTF-8 JSON"),
-    ([json.dumps({"v": 2}).encode()], "protocol version 2"),
+    ([json.dumps({"v": wire.PROTOCOL + 1}).encode()], f"protocol version {wire.PROTOCOL + 1}"),
     ([b"{" * 70000], "limit"),
     ([_header(tensors=[{"dtype": "float32", "shape": [2]}])], "1 tensor\\(s\\) but 0"),
     ([_header(tensors=[{"dtype": "int64", "shape": [2]}]), b"\0" * 16], "dtype must be one of"),
