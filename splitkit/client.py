@@ -149,7 +149,8 @@ class TrunkClient:
                 rh, rt = wire.decode(reply)
                 self.messages.append({"op": header["op"], "sent": [list(t.shape) for t in tensors],
                                       "sent_bytes": wire.nbytes(frames), "received": [list(t.shape) for t in rt],
-                                      "received_bytes": wire.nbytes(reply), "dtype": self.wire_dtype})
+                                      "received_bytes": wire.nbytes(reply), "dtype": self.wire_dtype,
+                                      "code": None if rh.get("ok") else rh.get("code")})
                 if not rh.get("ok"):
                     raise TrunkError(f"trunk server at {self.address}: {rh.get('error')}", rh.get("code", "?"))
                 return rh, rt
