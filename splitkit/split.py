@@ -5,24 +5,36 @@ final norm, LM head) stay with the client; the Trunk (blocks [a, b)) runs on a s
 What splitkit must know about each family of models lives here, in FAMILIES.
 """
 
+import inspect
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import nn
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
 
 @dataclass(frozen=True)
 class Family:
     """What splitkit must know about one family of models, beyond what transformers tells it."""
 
-    blocks: str           # the name of the block list ("model.layers.3", "transformer.h.3"); PEFT's layers_pattern
-    conv1d: bool = False  # weights stored (in, out) as GPT-2's Conv1D, so PEFT's LoRA needs fan_in_fan_out
+    base: str = "model"              # the decoder inside the causal LM ("model.layers.3", "transformer.h.3")
+    tokens: str = "embed_tokens"     # the token embedding (Gemma's scales by sqrt(d) inside it)
+    blocks: str = "layers"           # the block list; PEFT's layers_pattern
+    norm: str = "norm"               # the final norm
+    head: str = "lm_head"            # the LM head, on the causal LM itself
+    positions: str | None = None     # learned position embeddings (GPT-2); None with rotary embeddings
+    dropout: str | None = None       # dropout after the embeddings (off in eval mode)
+    conv1d: bool = False             # weights stored (in, out) as GPT-2's Conv1D: PEFT's LoRA needs fan_in_fan_out
+    lora_targets: tuple[str, ...] | None = None  # default LoRA targets where PEFT has none
 
 
-FAMILIES = {"llama": Family("layers"), "qwen2": Family("layers"), "mistral": Family("layers"),
-            "gpt2": Family("h", conv1d=True)}
+FAMILIES = {
+    "llama": Family(), "qwen2": Family(), "qwen3": Family(), "mistral": Family(), "gemma2": Family(),
+    "gemma3_text": Family(), "phi3": Family(lora_targets=("qkv_proj",)),
+    "gpt_neox": Family("gpt_neox", tokens="embed_in", norm="final_layer_norm", dropout="emb_dropout"),
+    "gpt2": Family("transformer", tokens="wte", blocks="h", norm="ln_f", positions="wpe", dropout="drop", conv1d=True),
+}
 
 
 def family(config) -> Family:
@@ -33,24 +45,31 @@ def family(config) -> Family:
 
 
 class Layout(NamedTuple):
-    """Where one family of models keeps its pieces."""
+    """Where one model keeps its pieces."""
 
     tokens: nn.Embedding
-    positions: nn.Embedding | None  # GPT-2's learned positions; None with rotary embeddings
+    positions: nn.Embedding | None
     dropout: nn.Module | None
     layers: nn.ModuleList
-    rotary: nn.Module | None  # Llama's rotary embedding (no parameters, shared by all parts)
+    rotary: nn.Module | None  # the rotary embedding (no parameters, shared by all parts); None for GPT-2
     norm: nn.Module
     lm_head: nn.Module
 
 
 def layout(model) -> Layout:
-    """Find the pieces of a transformers causal LM."""
-    if family(model.config).blocks == "h":  # GPT-2
-        t = model.transformer
-        return Layout(t.wte, t.wpe, t.drop, t.h, None, t.ln_f, model.lm_head)
-    m = model.model  # Llama, Qwen2, Mistral
-    return Layout(m.embed_tokens, None, None, m.layers, m.rotary_emb, m.norm, model.lm_head)
+    """Find the pieces of a transformers causal LM, by its family."""
+    fam = family(model.config)
+    base = getattr(model, fam.base)
+    positions, dropout = (getattr(base, name) if name else None for name in (fam.positions, fam.dropout))
+    return Layout(getattr(base, fam.tokens), positions, dropout, getattr(base, fam.blocks),
+                  getattr(base, "rotary_emb", None), getattr(base, fam.norm), getattr(model, fam.head))
+
+
+def layer_type(config, i: int) -> str:
+    """'full_attention' or 'sliding_attention' for block i, as the model's own forward decides it."""
+    if getattr(config, "layer_types", None):
+        return config.layer_types[i]
+    return "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
 
 
 def n_layers(model) -> int:
@@ -82,13 +101,26 @@ class Blocks(nn.Module):
     def forward(self, h):  # (B, T, d) -> (B, T, d)
         if not self.layers:
             return h
-        position_ids = torch.arange(h.shape[1], device=h.device)[None]  # (1, T)
-        mask = create_causal_mask(config=self.config, inputs_embeds=h, attention_mask=None,
-                                  past_key_values=None, position_ids=position_ids)
-        extra = {} if self.rotary is None else {"position_embeddings": self.rotary(h, position_ids=position_ids)}
-        for layer in self.layers.values():
-            h = layer(h, attention_mask=mask, position_ids=position_ids, **extra)
+        position_ids = torch.arange(h.shape[1], device=h.device)[None]  # (1, T): positions 0..T-1, no padding
+        kinds = {i: layer_type(self.config, int(i)) for i in self.layers}
+        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
+                                   position_ids=position_ids) for kind in set(kinds.values())}
+        rotary = {kind: self._rotary(h, position_ids, kind) for kind in set(kinds.values())}
+        for i, layer in self.layers.items():
+            extra = {} if rotary[kinds[i]] is None else {"position_embeddings": rotary[kinds[i]]}
+            h = layer(h, attention_mask=masks[kinds[i]], position_ids=position_ids, **extra)
         return h
+
+    def _rotary(self, h, position_ids, kind: str):
+        """(cos, sin) for this kind of layer; Gemma 3 keeps one rotary base per kind."""
+        if self.rotary is None:
+            return None
+        if "layer_type" in inspect.signature(self.rotary.forward).parameters:
+            return self.rotary(h, position_ids, kind)
+        return self.rotary(h, position_ids)
+
+
+MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 
 class Bottom(nn.Module):
@@ -121,9 +153,13 @@ class Top(nn.Module):
         lay = layout(model)
         self.blocks = Blocks(model, b, len(lay.layers))
         self.norm, self.lm_head = lay.norm, lay.lm_head
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
 
     def forward(self, h):
-        return self.lm_head(self.norm(self.blocks(h)))  # (B, T, vocab)
+        logits = self.lm_head(self.norm(self.blocks(h)))  # (B, T, vocab)
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
 
 
 class Parts(NamedTuple):
