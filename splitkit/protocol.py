@@ -4,7 +4,6 @@ Client and server both use these names; docs/protocol.md says what each one mean
 The checks are pure: a header (a dict) or tensors in, a value out, or `Refused` with the reason.
 """
 
-import math
 
 from . import wire
 from .lora import LoraSpec
@@ -112,8 +111,8 @@ def lora_spec(obj) -> LoraSpec:
     targets = obj.get("target_modules")
     if type(r) is not int or not 1 <= r <= 256 or type(alpha) not in (int, float) or not 0 < alpha <= 4096:
         raise Refused("lora: r must be an integer in [1, 256] and lora_alpha a number in (0, 4096]")
-    if type(seed) is not int or type(init_b) not in (int, float) or not (0 <= init_b < 10) or math.isnan(init_b):
-        raise Refused("lora: seed must be an integer and init_b a number in [0, 10)")
+    if type(seed) is not int or not 0 <= seed < 2**31 or type(init_b) not in (int, float) or not 0 <= init_b < 10:
+        raise Refused("lora: seed must be an integer in [0, 2**31) and init_b a number in [0, 10)")
     if targets is not None and (not isinstance(targets, list) or not 0 < len(targets) <= 16
                                 or not all(isinstance(t, str) and t.isidentifier() for t in targets)):
         raise Refused("lora: target_modules must be a list of up to 16 module names")
@@ -135,11 +134,15 @@ def lora_state(names, tensors: list, params: dict) -> list:
 
 def ok(header: dict, **fields) -> dict:
     """The header of a success reply to `header`."""
-    return {"ok": True, "id": header.get("id"), **fields}
+    return {"ok": True, "id": _id(header), **fields}
 
 
 def error(header: dict, code: str, message: str) -> dict:
     """The header of an error reply; `id` is the request's if it was an integer."""
+    return {"ok": False, "id": _id(header), "code": code, "error": message}
+
+
+def _id(header) -> int | None:
     rid = header.get("id") if isinstance(header, dict) else None
-    return {"ok": False, "id": rid if type(rid) is int else None, "code": code, "error": message}
+    return rid if type(rid) is int else None
 

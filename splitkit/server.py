@@ -100,8 +100,7 @@ class TrunkServer:
     def _serve_one(self, sock, frames):
         self.counters["requests"] += 1
         self.counters["bytes_in"] += wire.nbytes(frames[1:])
-        # Envelope: the peer identity, then an empty delimiter from a REQ socket.
-        split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
+        split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1  # envelope: peer id, REQ's empty delimiter
         envelope, body = [f.bytes for f in frames[:split_at]], frames[split_at:]
         reply = self.handle(body)
         if self.faults.drop and self._random.random() < self.faults.drop:
@@ -119,6 +118,7 @@ class TrunkServer:
             header, tensors = wire.decode(frames)
             return self._dispatch(header, tensors)
         except (wire.WireError, Refused) as e:
+            header = getattr(e, "header", header)
             code, message = getattr(e, "code", P.BAD_REQUEST), str(e)
         except Exception as e:  # a bug must not take the class down: log it, answer, go on
             log.exception("internal error on %r", header.get("op"))
@@ -160,6 +160,9 @@ class TrunkServer:
     # ------------------------------------------------------------------ the ops
 
     def _hello(self, session: Session, header: dict, tensors: list) -> list:
+        P.check_fit(header, self.name, self.cuts, self.hidden_size)
+        if P.mode(header) != session.mode:  # a hello on an open session may not change it
+            raise Refused(f"session {session.id[:8]}… is open in mode {session.mode}; say bye before changing it")
         return wire.encode(P.ok(header, session=session.id, mode=session.mode, model=self.name, cuts=list(self.cuts),
                                 hidden_size=self.hidden_size, device=str(self.device), limits=vars(self.limits)))
 

@@ -1,7 +1,7 @@
 """The message format between a client and the trunk server: never pickle.
 
 A message is one ZeroMQ multipart message (after the envelope the sockets add):
-    Frame 0: header, UTF-8 JSON object {"v": 1, "op": ..., "tensors": [{"dtype", "shape"}, ...], ...}
+    Frame 0: header, UTF-8 JSON object {"v": 2, "op": ..., "tensors": [{"dtype", "shape"}, ...], ...}
     Frame 1..k: the raw bytes of each tensor named in the header, C order, little-endian
 as in pyzmq's examples/serialization/serialsocket.py. Everything a peer sends is checked
 here before anything is built from it; a bad message raises WireError with the reason.
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 PROTOCOL = 2
-MAX_HEADER_BYTES = 64 * 1024
-MAX_TENSORS = 64
+MAX_HEADER_BYTES = 256 * 1024
+MAX_TENSORS = 1024  # a Trunk LoRA on 30 blocks x 7 targets has 420 matrices
 MAX_RANK = 4
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
@@ -51,12 +51,16 @@ def decode(frames) -> tuple[dict, list]:
     if not frames:
         raise WireError("empty message: expected a JSON header frame")
     header = decode_header(_bytes(frames[0]))
-    specs = header.get("tensors", [])
-    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
-        raise WireError(f"'tensors' must be a list of at most {MAX_TENSORS} {{dtype, shape}} objects")
-    if len(frames) - 1 != len(specs):
-        raise WireError(f"the header names {len(specs)} tensor(s) but {len(frames) - 1} data frame(s) followed")
-    return header, [_tensor(spec, frame, i) for i, (spec, frame) in enumerate(zip(specs, frames[1:], strict=True))]
+    try:
+        specs = header.get("tensors", [])
+        if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
+            raise WireError(f"'tensors' must be a list of at most {MAX_TENSORS} {{dtype, shape}} objects")
+        if len(frames) - 1 != len(specs):
+            raise WireError(f"the header names {len(specs)} tensor(s) but {len(frames) - 1} data frame(s) followed")
+        return header, [_tensor(spec, frame, i) for i, (spec, frame) in enumerate(zip(specs, frames[1:], strict=True))]
+    except WireError as e:
+        e.header = header  # readable: the error reply can name the request's id
+        raise
 
 
 def decode_header(raw: bytes) -> dict:
@@ -68,7 +72,7 @@ def decode_header(raw: bytes) -> dict:
         raise WireError(f"header frame is not UTF-8 JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise WireError(f"header must be a JSON object, not {type(header).__name__}")
-    if header.get("v") != PROTOCOL:
+    if type(header.get("v")) is not int or header["v"] != PROTOCOL:
         raise WireError(f"protocol version {header.get('v')!r} is not this server's {PROTOCOL}")
     return header
 

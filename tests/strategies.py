@@ -65,4 +65,4 @@ def malformed(draw):
         return draw(st.sampled_from([[evil], [json.dumps(hello).encode(), evil]]))
     if kind == "nan":
         return encode({"op": P.FORWARD, "session": "e" * 32, "id": 1}, [torch.full((1, 2, D), float("nan"))])
-    return [b"[" * 100_000 + b"]" * 100_000]  # deep nesting, over the header limit
+    return [b"[" * 150_000 + b"]" * 150_000]  # deep nesting, over the header limit

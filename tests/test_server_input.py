@@ -133,3 +133,32 @@ def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, d
     tensors[1] = tensors[1][:, :-1] if damage == "shape" else tensors[1].fill_(float("nan"))
     reply = json.loads(server.handle(encode(dict(hello, session="b" * 32, names=list(names)), tensors))[0])
     assert not reply["ok"] and message in reply["error"] and server.sessions.get("b" * 32) is None
+
+
+def test_a_hello_may_not_change_an_open_session(llama, serve, client):
+    c = client(serve(llama, CUTS), timeout=5)
+    hello(c, llama, mode=P.DETACH)
+    with pytest.raises(TrunkError, match="open in mode detach") as e:
+        hello(c, llama, mode=P.FULL)
+    assert e.value.code == P.BAD_REQUEST
+
+
+def test_an_error_about_the_tensor_frames_still_names_the_request(llama, serve, raw_socket):
+    sock = raw_socket(serve(llama, CUTS))
+    frames = encode({"op": P.FORWARD, "session": "f" * 32, "id": 9}, [torch.zeros(1, 2, D)])
+    reply = ask(sock, [frames[0], bytes(frames[1])[:-4]])
+    assert reply["id"] == 9 and reply["code"] == P.BAD_REQUEST and "needs" in reply["error"]
+
+
+def test_a_float_protocol_version_is_refused(llama, serve, raw_socket):
+    reply = ask(raw_socket(serve(llama, CUTS)), [json.dumps({"v": float(P.VERSION), "op": P.STATS}).encode()])
+    assert not reply["ok"] and "protocol version" in reply["error"]
+
+
+def test_a_seed_out_of_range_is_refused_and_leaves_no_adapter(llama, spec):
+    server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
+             "hidden_size": D, "mode": P.FULL_TRUNK, "lora": dict(spec.to_json(), seed=10**30), "lr": 1e-3}
+    reply = json.loads(server.handle(encode(hello))[0])
+    assert not reply["ok"] and "seed" in reply["error"]
+    assert server.sessions.peft is None and not any("lora_A" in n for n, _ in server.sessions.trunk.named_modules())

@@ -84,13 +84,13 @@ def _header(**fields) -> bytes:
     ([b"[1, 2]"], "must be a JSON object"),
     ([b'{"v": 1, "x": NaN}'], "not UTF-8 JSON"),
     ([json.dumps({"v": wire.PROTOCOL + 1}).encode()], f"protocol version {wire.PROTOCOL + 1}"),
-    ([b"{" * 70000], "limit"),
+    ([b"{" * (wire.MAX_HEADER_BYTES + 1)], "limit"),
     ([_header(tensors=[{"dtype": "float32", "shape": [2]}])], "1 tensor\\(s\\) but 0"),
     ([_header(tensors=[{"dtype": "int64", "shape": [2]}]), b"\0" * 16], "dtype must be one of"),
     ([_header(tensors=[{"dtype": "float32", "shape": [-2]}]), b"\0" * 8], "positive integers"),
     ([_header(tensors=[{"dtype": "float32", "shape": [1, 1, 1, 1, 1]}]), b"\0" * 4], "positive integers"),
     ([_header(tensors=[{"dtype": "float32", "shape": [3]}]), b"\0" * 8], "needs 12 bytes, the frame has 8"),
-    ([_header(tensors=[{}] * 65)], "at most 64"),
+    ([_header(tensors=[{}] * (wire.MAX_TENSORS + 1))], f"at most {wire.MAX_TENSORS}"),
 ])
 def test_bad_messages_say_what_is_wrong(frames, message):
     with pytest.raises(wire.WireError, match=message):
