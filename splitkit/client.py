@@ -18,6 +18,7 @@ from torch import nn
 from . import protocol as P
 from . import wire
 from .keys import connect_curve
+from .models import fingerprint
 
 REQUEST_TIMEOUT = 30.0  # seconds to wait for one reply
 REQUEST_RETRIES = 2     # resends after a timeout, each on a fresh socket
@@ -61,10 +62,11 @@ class TrunkClient:
 
     # ------------------------------------------------------------------ the ops
 
-    def hello(self, model: str, cuts, hidden_size: int, mode: str = P.DETACH, lora=None,
-              lr: float | None = None) -> dict:
-        """The handshake: open this client's session; refused if the parts do not fit the server's Trunk."""
-        self._hello = {"op": P.HELLO, "model": model, "cuts": list(cuts), "hidden_size": hidden_size,
+    def hello(self, model, cuts, mode: str = P.DETACH, lora=None, lr: float | None = None) -> dict:
+        """The handshake: open this client's session for `model` split at `cuts`; refused, with what
+        differs, if the model is not the server's (compared by fingerprint, not by name)."""
+        self._hello = {"op": P.HELLO, "model": model.config.name_or_path, "cuts": list(cuts),
+                       "hidden_size": model.config.hidden_size, "fingerprint": fingerprint(model, cuts),
                        "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr}
         header, _ = self._call(dict(self._hello), reopen=False)
         return header

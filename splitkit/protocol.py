@@ -78,13 +78,28 @@ def learning_rate(header: dict) -> float:
     return float(lr)
 
 
-def check_fit(header: dict, model: str, cuts, hidden_size: int):
-    """The handshake: refuse a client whose Bottom/Top do not fit this Trunk."""
-    theirs = (header.get("model"), header.get("cuts"), header.get("hidden_size"))
-    if theirs != (model, list(cuts), hidden_size):
-        raise Refused(f"this server runs blocks [{cuts[0]}, {cuts[1]}) of {model} (hidden size {hidden_size}); "
-                      f"the client has model={theirs[0]!r}, cuts={theirs[1]!r}, hidden_size={theirs[2]!r}. "
-                      f"Split the client's model at cuts={tuple(cuts)} or start a server that matches.", MISMATCH)
+def check_fit(header: dict, model: str, cuts, hidden_size: int, fingerprint: dict):
+    """The handshake: refuse a client whose Bottom/Top do not belong to this Trunk, and say what differs."""
+    theirs = header.get("fingerprint")
+    if header.get("cuts") != list(cuts) or header.get("hidden_size") != hidden_size:
+        differs = (f"this server runs blocks [{cuts[0]}, {cuts[1]}) with hidden size {hidden_size}; the client "
+                   f"has cuts={header.get('cuts')!r}, hidden_size={header.get('hidden_size')!r}. Split the "
+                   f"client's model at cuts={tuple(cuts)} or start a server that matches")
+    elif not isinstance(theirs, dict) or theirs.get("config") != fingerprint["config"]:
+        differs = (f"the client's model ({header.get('model')!r}) is not this server's ({model!r}): their configs "
+                   f"differ (config fingerprint {_short(theirs, 'config')} here {fingerprint['config']})")
+    elif theirs.get("trunk") != fingerprint["trunk"]:
+        differs = (f"the client's model has this server's config but other weights in blocks [{cuts[0]}, "
+                   f"{cuts[1]}) (another checkpoint or a fine-tune?): trunk fingerprint {_short(theirs, 'trunk')}, "
+                   f"here {fingerprint['trunk']}")
+    else:
+        return
+    raise Refused(differs, MISMATCH)
+
+
+def _short(fingerprint, part: str) -> str:
+    value = fingerprint.get(part) if isinstance(fingerprint, dict) else None
+    return repr(value)[:40]
 
 
 def hidden_states(tensors: list, counts: tuple[int, ...], hidden_size: int, max_tokens: int) -> list:

@@ -1,10 +1,8 @@
 """The trunk server: the middle blocks of the model behind a ZeroMQ ROUTER socket.
 
-Built like the zguide's Majordomo broker (mdbroker.py): one loop that polls the socket, and one
-short method per op. It pairs with the Lazy Pirate client in client.py: each request carries an
-id, and the newest reply of each session is kept so that a retried request is answered again,
-never run twice. A notebook starts it in a thread with `TrunkServer(model, cuts).start()`;
-`trunk_server.py` runs it from the command line. docs/protocol.md describes the messages.
+Built like the zguide's Majordomo broker (mdbroker.py): one loop that polls the socket, and one short
+method per op. It pairs with the Lazy Pirate client in client.py: the newest reply of each session is
+kept, so a retried request is answered again, never run twice. docs/protocol.md has the messages.
 """
 
 import copy
@@ -22,6 +20,7 @@ from . import wire
 from .faults import Faults
 from .keys import check_bind, serve_curve
 from .lora import lora_delta_norms
+from .models import fingerprint
 from .protocol import Refused
 from .sessions import Limits, Session, Sessions, State
 from .split import check_cuts, split_model
@@ -42,8 +41,11 @@ class TrunkServer:
             log.warning("serving %s WITHOUT encryption or authentication (--insecure)", bind)
         self.name, self.hidden_size = model.config.name_or_path, model.config.hidden_size
         self.cuts = check_cuts(cuts, model.config.num_hidden_layers)
+        self.fingerprint = fingerprint(model, self.cuts)  # what the handshake compares, not the name
         self.device = torch.device(device)
         self.limits, self.faults = limits or Limits(), faults or Faults()
+        self.identity = dict(model=self.name, cuts=list(self.cuts), hidden_size=self.hidden_size,
+                             fingerprint=self.fingerprint, device=str(self.device), limits=vars(self.limits))
         # A private copy of the blocks, as on a separate machine; the client's LoRA never reaches it.
         trunk = copy.deepcopy(split_model(model, self.cuts).trunk).to(self.device).requires_grad_(False)
         self.sessions = Sessions(trunk, model.config, self.limits)
@@ -150,7 +152,7 @@ class TrunkServer:
         return reply
 
     def _open(self, sid: str, header: dict, tensors: list) -> Session:
-        P.check_fit(header, self.name, self.cuts, self.hidden_size)
+        P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
         mode = P.mode(header)
         lora, lr = (P.lora_spec(header.get("lora")), P.learning_rate(header)) if mode == P.FULL_TRUNK else (None, 0.0)
         session = self.sessions.open(sid, mode, lora, lr, header.get("names"), tensors)
@@ -160,11 +162,10 @@ class TrunkServer:
     # ------------------------------------------------------------------ the ops
 
     def _hello(self, session: Session, header: dict, tensors: list) -> list:
-        P.check_fit(header, self.name, self.cuts, self.hidden_size)
+        P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
         if P.mode(header) != session.mode:  # a hello on an open session may not change it
             raise Refused(f"session {session.id[:8]}… is open in mode {session.mode}; say bye before changing it")
-        return wire.encode(P.ok(header, session=session.id, mode=session.mode, model=self.name, cuts=list(self.cuts),
-                                hidden_size=self.hidden_size, device=str(self.device), limits=vars(self.limits)))
+        return wire.encode(P.ok(header, session=session.id, mode=session.mode, **self.identity))
 
     def _forward(self, session: Session, header: dict, tensors: list) -> list:
         (h1,) = self._hidden(tensors, (1,))                  # (B, T, d), as the client's Bottom gave it
@@ -229,8 +230,7 @@ class TrunkServer:
             return State(h1, self.sessions.run(session, h1))  # h2 = Trunk(h1), graph kept
 
     def stats(self) -> dict:
-        return {"model": self.name, "cuts": list(self.cuts), "sessions": len(self.sessions),
-                "states": self.sessions.states(), "limits": vars(self.limits),
+        return {**self.identity, "sessions": len(self.sessions), "states": self.sessions.states(),
                 "uptime_s": round(time.monotonic() - self._started, 1), **self.counters}
 
 

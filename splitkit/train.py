@@ -60,8 +60,8 @@ class Learner:
         self.optimizers = [self.optimizer_bottom, self.optimizer_top]
         self.client = TrunkClient(address, **client_options)
         trains_trunk = mode == FULL_TRUNK
-        self.client.hello(model.config.name_or_path, self.cuts, model.config.hidden_size, mode=mode,
-                          lora=self.lora if trains_trunk else None, lr=lr if trains_trunk else None)
+        self.client.hello(model, self.cuts, mode=mode, lora=self.lora if trains_trunk else None,
+                          lr=lr if trains_trunk else None)
         self.trunk = RemoteTrunk(self.client, train_trunk=trains_trunk)
 
     def zero_grad(self):

@@ -21,6 +21,8 @@ headers = st.fixed_dictionaries({}, optional={
     "model": st.sampled_from(["tiny-llama", "gpt-17"]),
     "cuts": st.one_of(st.just([2, 4]), st.lists(st.integers(-3, 9), max_size=3)),
     "hidden_size": st.sampled_from([D, 576, -1]),
+    "fingerprint": st.one_of(st.none(), st.text(max_size=5),
+                             st.dictionaries(st.sampled_from(["config", "trunk"]), st.text(max_size=16), max_size=2)),
     "lora": st.one_of(st.none(), st.dictionaries(st.sampled_from(["r", "lora_alpha", "target_modules", "seed"]),
                                                   st.one_of(st.integers(-2, 10**6), st.lists(st.text(max_size=5)))),
                       st.just({"r": 2, "lora_alpha": 4})),

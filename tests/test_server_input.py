@@ -8,8 +8,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from splitkit import TrunkError, TrunkServer
+from splitkit import TrunkError, TrunkServer, load_model
 from splitkit import protocol as P
+from splitkit.models import fingerprint
 from splitkit.sessions import Limits
 from splitkit.split import split_model
 from splitkit.wire import encode
@@ -20,7 +21,7 @@ CUTS = (2, 4)
 
 
 def hello(client, model, mode=P.FULL, **kw):
-    return client.hello("tiny-llama", CUTS, model.config.hidden_size, mode=mode, **kw)
+    return client.hello(model, CUTS, mode=mode, **kw)
 
 
 def ask(sock, frames) -> dict:
@@ -83,16 +84,32 @@ def test_wrong_hidden_size_is_refused(llama, serve, client):
 
 def test_handshake_refuses_other_cuts(llama, serve, client):
     c = client(serve(llama, CUTS), timeout=5)
-    with pytest.raises(TrunkError, match=r"runs blocks \[2, 4\) of tiny-llama.*cuts=\[3, 4\]") as e:
-        c.hello("tiny-llama", (3, 4), D)
+    with pytest.raises(TrunkError, match=r"runs blocks \[2, 4\).*cuts=\[3, 4\]") as e:
+        c.hello(llama, (3, 4))
     assert e.value.code == P.MISMATCH
 
 
-def test_handshake_refuses_another_hidden_size(llama, serve, client):
+def test_handshake_refuses_another_architecture_and_says_so(llama, serve, client):
+    gpt2, _ = load_model("tiny-gpt2")
     c = client(serve(llama, CUTS), timeout=5)
-    with pytest.raises(TrunkError, match="hidden_size=576") as e:
-        c.hello("tiny-llama", CUTS, 576)
+    with pytest.raises(TrunkError, match=r"'tiny-gpt2'\) is not this server's \('tiny-llama'\): their configs differ"):
+        c.hello(gpt2, CUTS)
+
+
+def test_handshake_refuses_the_same_architecture_with_other_weights(llama, serve, client):
+    other, _ = load_model("tiny-llama", seed=1)  # same config, other random weights
+    c = client(serve(llama, CUTS), timeout=5)
+    with pytest.raises(TrunkError, match=r"this server's config but other weights in blocks \[2, 4\)") as e:
+        c.hello(other, CUTS)
     assert e.value.code == P.MISMATCH
+
+
+def test_handshake_knows_the_model_by_its_weights_not_its_name(llama, serve, client, tmp_path):
+    llama.save_pretrained(tmp_path)
+    load_model("tiny-llama")[1].save_pretrained(tmp_path)
+    by_path, _ = load_model(str(tmp_path))  # another name, the same model
+    assert by_path.config.name_or_path != llama.config.name_or_path
+    assert client(serve(llama, CUTS), timeout=5).hello(by_path, CUTS)["ok"]
 
 
 def test_hello_advertises_the_limits(llama, serve, client):
@@ -125,7 +142,8 @@ def test_an_error_reply_is_not_kept_so_a_corrected_request_may_reuse_its_id(llam
 def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, damage, message):
     server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
     hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
-             "hidden_size": llama.config.hidden_size, "mode": P.FULL_TRUNK, "lora": spec.to_json(), "lr": 1e-3}
+             "hidden_size": llama.config.hidden_size, "fingerprint": fingerprint(llama, CUTS), "mode": P.FULL_TRUNK,
+             "lora": spec.to_json(), "lr": 1e-3}
     assert json.loads(server.handle(encode(hello))[0])["ok"]
     names, tensors = zip(*((n, p.detach().clone()) for n, p in server.sessions.lora_parameters(
         server.sessions.get("a" * 32))), strict=True)
@@ -158,7 +176,8 @@ def test_a_float_protocol_version_is_refused(llama, serve, raw_socket):
 def test_a_seed_out_of_range_is_refused_and_leaves_no_adapter(llama, spec):
     server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
     hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
-             "hidden_size": D, "mode": P.FULL_TRUNK, "lora": dict(spec.to_json(), seed=10**30), "lr": 1e-3}
+             "hidden_size": D, "fingerprint": fingerprint(llama, CUTS), "mode": P.FULL_TRUNK,
+             "lora": dict(spec.to_json(), seed=10**30), "lr": 1e-3}
     reply = json.loads(server.handle(encode(hello))[0])
     assert not reply["ok"] and "seed" in reply["error"]
     assert server.sessions.peft is None and not any("lora_A" in n for n, _ in server.sessions.trunk.named_modules())

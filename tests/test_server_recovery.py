@@ -51,7 +51,7 @@ def test_server_killed_mid_training_then_restarted(llama, mode):
 
 def test_simulated_crash_stops_the_thread(llama, serve, client):
     c = client(serve(llama, CUTS, faults=Faults(crash_after=2)), timeout=0.5, retries=0)
-    c.hello("tiny-llama", CUTS, D, mode=P.DETACH)
+    c.hello(llama, CUTS, mode=P.DETACH)
     c.forward(torch.zeros(1, 2, D))
     with pytest.raises(TrunkUnavailable):
         c.forward(torch.zeros(1, 2, D))
@@ -69,7 +69,7 @@ def trained_once(llama, serve, client, raw_socket, spec):
     """A full+trunk session with one forward kept, and two sockets to send the same request from."""
     address = serve(llama, CUTS)
     c = client(address, timeout=5)
-    c.hello("tiny-llama", CUTS, D, mode=P.FULL_TRUNK, lora=spec, lr=1e-2)
+    c.hello(llama, CUTS, mode=P.FULL_TRUNK, lora=spec, lr=1e-2)
     c.forward(torch.randn(2, 5, D), key=7)
     return serve.servers[-1], c, raw_socket(address), raw_socket(address)
 

@@ -18,7 +18,7 @@ CUTS = (2, 4)
 
 
 def hello(client, model, mode=P.FULL, **kw):
-    return client.hello("tiny-llama", CUTS, model.config.hidden_size, mode=mode, **kw)
+    return client.hello(model, CUTS, mode=mode, **kw)
 
 
 def test_forwards_without_backward_cannot_grow_memory(llama, serve, client):
