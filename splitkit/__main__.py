@@ -2,7 +2,7 @@
 
     python -m splitkit prepare            convert SmolLM2 once and cache it
     python -m splitkit keys DIR           CURVE key pairs for a server that others can reach
-    python -m splitkit train --mode full  fine-tune on the kit's task, print exact match, write plots
+    python -m splitkit train --mode full  fine-tune, print the evaluation, write plots and a PEFT adapter
 """
 
 import argparse
@@ -12,13 +12,40 @@ import sys
 from pathlib import Path
 
 from . import data
+from .datafiles import DataError, Dataset, load_data, perplexity, text_batches
+from .export import save_adapter
 from .keys import make_keys
 from .models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
-from .protocol import MODES
+from .protocol import LOCAL, MODES
 from .server import TrunkServer
 from .train import Learner, exact_match, train
 
 TRUNK_ENV = "SPLITKIT_TRUNK"
+TRAIN_EXAMPLES = """examples:
+  the kit's task (16 made-up facts, exact match on the same facts: memorisation):
+    python -m splitkit train --mode full --steps 30
+  your prompt/answer pairs, one JSON object a line: {"prompt": "...", "answer": "..."}
+    python -m splitkit train --data qa.jsonl --model ./my-model --cuts 4 20 --out runs/qa
+  the same as CSV, with a header row naming the columns prompt and answer:
+    python -m splitkit train --data qa.csv --mode full+trunk
+  plain text, trained as a causal LM on chunks (loss and perplexity, train and held-out):
+    python -m splitkit train --data notes.txt --chunk 64 --steps 50
+A share of the examples (--held-out, default 0.2) is kept aside and evaluated separately."""
+
+
+def evaluate(learner, tokenizer, dataset) -> dict:
+    """Exact match (pairs) or loss and perplexity (text), on the training and the held-out examples."""
+    out = {}
+    for part in ("train", "held_out"):
+        examples = getattr(dataset, part)
+        if not examples:
+            continue
+        if dataset.kind == "text":
+            out[part] = "loss {:.3f}, perplexity {:.1f}".format(*perplexity(learner, examples))
+        else:
+            longest = max(len(tokenizer(a, add_special_tokens=False).input_ids) for _, a in examples)
+            out[part] = f"exact match {exact_match(learner, tokenizer, examples, longest + 1)[0]:.0%}"
+    return out
 
 
 def cmd_train(args) -> int:
@@ -27,30 +54,37 @@ def cmd_train(args) -> int:
     from .plots import plot_lora_changes, plot_losses
 
     model, tokenizer = load_model(args.model)
-    server = None
-    address = args.address or os.environ.get(TRUNK_ENV)
-    if args.mode != "local" and address is None:
+    if args.data:
+        dataset = load_data(args.data, tokenizer, held_out=args.held_out, seed=args.seed, chunk=args.chunk)
+        stream = (text_batches(dataset.train, args.batch_size, args.seed) if dataset.kind == "text"
+                  else data.batches(tokenizer, dataset.train, args.batch_size, seed=args.seed))
+    else:
+        dataset = Dataset("pairs", data.facts(args.task), [])  # every fact trained and scored: memorisation
+        stream = data.batches(tokenizer, dataset.train, args.batch_size, seed=args.seed)
+    print(f"{args.data or 'the kit task'}: {len(dataset.train)} training and {len(dataset.held_out)} held-out "
+          f"examples ({dataset.kind})")
+    server, address = None, args.address or os.environ.get(TRUNK_ENV)
+    if args.mode != LOCAL and address is None:
         server = TrunkServer(model, args.cuts, bind="tcp://127.0.0.1:*")
         address = server.start()
         print(f"started a trunk server for blocks [{args.cuts[0]}, {args.cuts[1]}) on {address}")
-    pairs = data.facts(args.task)
     learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr)
-    before, _ = exact_match(learner, tokenizer, pairs)
-    print(f"exact match before: {before:.0%} of {len(pairs)}")
-    history = train(learner, data.batches(tokenizer, pairs, args.batch_size, seed=args.seed), args.steps)
-    after, answers = exact_match(learner, tokenizer, pairs)
-    print(f"exact match after {args.steps} steps ({args.mode}): {after:.0%}; "
-          f"loss {history.loss[0]:.2f} -> {history.loss[-1]:.2f}")
-    for (prompt, want), got in list(zip(pairs, answers, strict=True))[:4]:
-        print(f"  {prompt.splitlines()[0]!r}: {got.strip()!r} (want {want.strip()!r})")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot_losses([history]).savefig(out / "loss.png", dpi=100)
-    plot_lora_changes([history], model.config.num_hidden_layers).savefig(out / "lora_change.png", dpi=100)
-    print(f"wrote {out / 'loss.png'} and {out / 'lora_change.png'}")
-    learner.close()
-    if server is not None:
-        server.stop()
+    try:
+        print("before:", evaluate(learner, tokenizer, dataset))
+        history = train(learner, stream, args.steps)
+        print(f"after {args.steps} steps ({args.mode}), loss {history.loss[0]:.2f} -> {history.loss[-1]:.2f}:",
+              evaluate(learner, tokenizer, dataset))
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        plot_losses([history]).savefig(out / "loss.png", dpi=100)
+        plot_lora_changes([history], model.config.num_hidden_layers).savefig(out / "lora_change.png", dpi=100)
+        save_adapter(learner, model, out / "adapter")
+        print(f"wrote {out / 'loss.png'}, {out / 'lora_change.png'} and the PEFT adapter {out / 'adapter'} "
+              f"(PeftModel.from_pretrained(base_model, {str(out / 'adapter')!r}))")
+    finally:
+        learner.close()
+        if server is not None:
+            server.stop()
     return 0
 
 
@@ -62,17 +96,21 @@ def main(argv=None) -> int:
     pp.add_argument("--force", action="store_true", help="convert again even if cached")
     pk = sub.add_parser("keys", help="make server and client CURVE key pairs in DIR")
     pk.add_argument("dir")
-    pt = sub.add_parser("train", help="fine-tune LoRA through a trunk server on the kit's task")
+    pt = sub.add_parser("train", help="fine-tune LoRA through a trunk server, on the kit's task or your data",
+                        epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pt.add_argument("--mode", choices=MODES, default="full")
     pt.add_argument("--model", default=SMOLLM2, help=f"{', '.join(MODELS)}, a model folder, or a cached hub id")
     pt.add_argument("--cuts", nargs=2, type=int, default=(10, 20), metavar=("A", "B"))
     pt.add_argument("--address", help=f"trunk server to use (default: ${TRUNK_ENV}, else start one here)")
-    pt.add_argument("--task", choices=sorted(data.TEMPLATES), default="colour")
+    pt.add_argument("--data", help="a .jsonl or .csv file of prompt/answer pairs, or a .txt file of plain text")
+    pt.add_argument("--held-out", type=float, default=0.2, help="share of --data kept aside (default: %(default)s)")
+    pt.add_argument("--chunk", type=int, default=64, help="tokens per example of a text file (default: %(default)s)")
+    pt.add_argument("--task", choices=sorted(data.TEMPLATES), default="colour", help="the kit's task, without --data")
     pt.add_argument("--steps", type=int, default=30)
     pt.add_argument("--batch-size", type=int, default=8)
     pt.add_argument("--lr", type=float, default=3e-3)
     pt.add_argument("--seed", type=int, default=0)
-    pt.add_argument("--out", default="runs", help="folder for loss.png and lora_change.png")
+    pt.add_argument("--out", default="runs", help="folder for loss.png, lora_change.png and adapter/")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
@@ -85,7 +123,7 @@ def main(argv=None) -> int:
                   f"run the server with --curve-dir {folder}")
             return 0
         return cmd_train(args)
-    except (ModelUnavailable, TypeError, ValueError) as e:
+    except (ModelUnavailable, DataError, TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

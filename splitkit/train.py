@@ -200,8 +200,8 @@ def generate(learner: Learner, tokenizer, prompts, max_new_tokens: int = 4) -> l
     return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
 
 
-def exact_match(learner: Learner, tokenizer, pairs) -> tuple[float, list[str]]:
+def exact_match(learner: Learner, tokenizer, pairs, max_new_tokens: int = 4) -> tuple[float, list[str]]:
     """Fraction of prompts whose greedy answer (first line) equals the expected one; and the answers."""
-    answers = generate(learner, tokenizer, [p for p, _ in pairs])
+    answers = generate(learner, tokenizer, [p for p, _ in pairs], max_new_tokens)
     hits = [a.strip().split("\n")[0] == want.strip() for a, (_, want) in zip(answers, pairs, strict=True)]
     return sum(hits) / len(pairs), answers

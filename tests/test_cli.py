@@ -4,17 +4,61 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_command_prints_evaluation_and_writes_plots(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "splitkit", "train", "--model", "tiny-llama", "--cuts", "2", "4",
-                          "--mode", "full", "--steps", "3", "--batch-size", "4", "--out", str(tmp_path)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr
-    assert "exact match before" in out.stdout and "exact match after 3 steps (full)" in out.stdout
+def train(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "splitkit", "train", "--model", "tiny-llama", "--cuts", "2", "4",
+                           "--steps", "3", "--batch-size", "4", "--out", str(tmp_path / "out"), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def assert_wrote_plots_and_adapter(out: Path):
     for name in ("loss.png", "lora_change.png"):
-        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= {p.name for p in (out / "adapter").iterdir()}
+
+
+def test_train_command_on_the_kit_task_prints_evaluation_and_writes_plots_and_adapter(tmp_path):
+    out = train(tmp_path, "--mode", "full")
+    assert out.returncode == 0, out.stderr
+    assert "before: {'train': 'exact match 0%'}" in out.stdout and "after 3 steps (full)" in out.stdout
+    assert_wrote_plots_and_adapter(tmp_path / "out")
+
+
+@pytest.mark.parametrize("name, text", [
+    ("qa.jsonl", "".join(f'{{"prompt": "Q{i}?", "answer": "A{i}"}}\n' for i in range(10))),
+    ("qa.csv", "prompt,answer\n" + "".join(f"Q{i}?,A{i}\n" for i in range(10))),
+])
+def test_train_command_on_prompt_answer_files(tmp_path, name, text):
+    (tmp_path / name).write_text(text)
+    out = train(tmp_path, "--data", str(tmp_path / name), "--mode", "full+trunk")
+    assert out.returncode == 0, out.stderr
+    assert "8 training and 2 held-out examples (pairs)" in out.stdout
+    assert "'held_out': 'exact match" in out.stdout.split("after 3 steps")[1]
+    assert_wrote_plots_and_adapter(tmp_path / "out")
+
+
+def test_train_command_on_plain_text(tmp_path):
+    (tmp_path / "notes.txt").write_text("Split learning keeps the labels on the client. " * 30)
+    out = train(tmp_path, "--data", str(tmp_path / "notes.txt"), "--chunk", "32", "--mode", "detach")
+    assert out.returncode == 0, out.stderr
+    assert "(text)" in out.stdout and "'held_out': 'loss " in out.stdout and "perplexity" in out.stdout
+    assert_wrote_plots_and_adapter(tmp_path / "out")
+
+
+def test_train_command_names_the_bad_line_of_a_data_file(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "answer": "b"}\n{"prompt": "a"}\n')
+    out = train(tmp_path, "--data", str(tmp_path / "bad.jsonl"))
+    assert out.returncode == 2 and "bad.jsonl:2: needs non-empty strings" in out.stderr
+
+
+def test_train_help_shows_an_example_for_each_input_kind():
+    out = subprocess.run([sys.executable, "-m", "splitkit", "train", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=60)
+    assert all(kind in out.stdout for kind in ("--data qa.jsonl", "--data qa.csv", "--data notes.txt"))
 
 
 def test_keys_command(tmp_path):
