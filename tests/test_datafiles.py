@@ -57,3 +57,18 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path, tokenizer):
     path.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "b"}\n')
     with pytest.raises(DataError, match=r"latin1\.jsonl:2: not UTF-8"):
         load_data(path, tokenizer)
+
+
+def test_an_instruct_model_gets_its_chat_template(smollm2):
+    from splitkit.datafiles import chat_pairs
+
+    _, tokenizer = smollm2
+    (prompt, answer), = chat_pairs(tokenizer, [("What is 2+2?", "4")])
+    assert prompt.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is 2+2?<|im_end|>" in prompt
+    assert answer == "4"
+
+
+def test_a_model_without_a_chat_template_gets_the_plain_prompt(tokenizer):
+    from splitkit.datafiles import chat_pairs
+
+    assert chat_pairs(tokenizer, [("2+2=", "4")]) == [("2+2=", " 4")]
