@@ -20,6 +20,8 @@ _FORWARD = [(2.2, 1.15, 3.9, 1.15, "h1 (B, T, d)", "above"), (3.9, 3.15, 2.2, 3.
 _BACKWARD = {"loss→top": (1.4, 4.0, 1.4, 3.4, "dL/dlogits", "right"),
              "top→trunk": (2.2, 2.85, 3.9, 2.85, "dL/dh2 (B, T, d)", "below"),
              "trunk→bottom": (3.9, 0.85, 2.2, 0.85, "dL/dh1 (B, T, d)", "below")}
+# what a red arrow says: dL/dh2 exists on the client but is not sent; dL/dh1 is never computed
+MISSING = {"loss→top": "  ✗ no gradient", "top→trunk": "  ✗ not sent", "trunk→bottom": "  ✗ no gradient"}
 _TEXT_AT = {"above": (0, 0.07, "center", "bottom"), "below": (0, -0.07, "center", "top"),
             "left": (-0.08, 0, "right", "center"), "right": (0.08, 0, "left", "center")}
 
@@ -49,7 +51,7 @@ def draw_u_shape(flows: dict | None = None, title: str = "U-shaped split learnin
 
     Forward arrows are black. Backward arrows are blue without `flows`; with `flows` (keys
     'loss→top', 'top→trunk', 'trunk→bottom', each True or False as measured) an arrow is green
-    where the gradient crossed it and red, broken and marked where it did not.
+    where the gradient crossed it and red, broken and marked where it did not (MISSING says how).
     """
     fig, ax = _figure(ax, (7.5, 3.4))
     ax.axvspan(2.5, 3.6, color="tab:purple", alpha=0.08)
@@ -63,7 +65,7 @@ def draw_u_shape(flows: dict | None = None, title: str = "U-shaped split learnin
         crossed = None if flows is None else bool(flows[key])
         colour = "tab:blue" if crossed is None else "green" if crossed else "red"
         _arrow(ax, arrow, {"color": colour, "linestyle": "--" if crossed is False else "-"},
-               "  ✗ no gradient" if crossed is False else "")
+               MISSING[key] if crossed is False else "")
     ax.set(xlim=(-0.2, 6.1), ylim=(0.2, 5.1))
     ax.set_title(title, fontsize=10)
     ax.axis("off")

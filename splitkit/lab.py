@@ -24,6 +24,7 @@ from .server import TrunkServer
 from .split import split_model
 from .train import History, Learner, exact_match
 
+LINE_COLOURS = {"detach": "tab:red", "full": "tab:purple", "full+trunk": "tab:green"}  # unlike the parts' colours
 
 @dataclass
 class LabSettings:
@@ -37,7 +38,7 @@ class LabSettings:
     batch_size: int = 8
     steps: int = 20
     wire_dtype: str = "float32"
-    held_out: int = 4  # facts kept aside: made up, so no model can answer them (memorisation, not generalisation)
+    held_out: int = 4  # facts kept aside: their answers are made up, so a right answer there is a guess
 
 
 @dataclass
@@ -59,6 +60,7 @@ class LabResult:
                         "bytes/step": statistics.median(s + r for s, r in zip(h.bytes_sent, h.bytes_received,
                                                                                strict=True)) if h.loss else 0,
                         "s/step": statistics.median(h.seconds) if h.seconds else None,
+                        "s/step range": (min(h.seconds), max(h.seconds)) if h.seconds else None,
                         "Bottom ΔW": bottom, "exact match (train)": train, "exact match (held-out)": held})
         return out
 
@@ -112,8 +114,8 @@ def plot_lab(result: LabResult, n_layers: int) -> bytes:
     grid = fig.add_gridspec(len(modes), 2, width_ratios=(1, 1.3))
     loss = fig.add_subplot(grid[:, 0])
     for mode, h in result.histories.items():
-        loss.plot(range(1, len(h.loss) + 1), h.loss, label=mode)
-    loss.set(yscale="log", xlabel="step", ylabel=LOSS_LABEL, title="loss")
+        loss.plot(range(1, len(h.loss) + 1), h.loss, label=mode, color=LINE_COLOURS.get(mode))
+    loss.set(yscale="log", xlabel="step", ylabel=LOSS_LABEL, title="loss (log scale)")
     loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     loss.yaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     loss.legend(fontsize=8)
@@ -124,8 +126,11 @@ def plot_lab(result: LabResult, n_layers: int) -> bytes:
         changes = layer_changes(h)
         colour = {i: PART_COLOURS["bottom" if i < a else "trunk" if i < b else "top"] for i in changes}
         ax.bar(list(changes), list(changes.values()), color=[colour[i] for i in changes])
-        ax.set(xlim=(-0.5, n_layers - 0.5), ylim=(0, 1.1 * top), ylabel="ΔW", title=f"{mode}: ‖ΔW‖ per block")
+        ax.set(xlim=(-0.5, n_layers - 0.5), ylim=(0, 1.1 * top), ylabel="Σ ‖ΔW‖",
+               title=f"{mode}: each block's LoRA change, Σ ‖(α/r)·B·A‖")
         ax.title.set_fontsize(9)
+        if row == len(modes) - 1:
+            ax.set_xlabel(f"block (Bottom [0, {a}) · Trunk [{a}, {b}) · Top [{b}, {n_layers}))")
         ax.axvline(a - 0.5, color="black", lw=0.8)
         ax.axvline(b - 0.5, color="black", lw=0.8)
     fig.tight_layout()
@@ -140,7 +145,8 @@ def format_rows(result: LabResult) -> str:
     head = "".join(f"<th>{k}</th>" for k in (rows[0] if rows else {}))
     body = "".join("<tr>" + "".join(f"<td>{_fmt(k, v)}</td>" for k, v in row.items()) + "</tr>" for row in rows)
     note = " (stopped)" if result.stopped else ""
-    return f"<table class='splitkit-lab'><tr>{head}</tr>{body}</table><p>cuts {result.settings.cuts}{note}</p>"
+    return (f"<table class='splitkit-lab'><tr>{head}</tr>{body}</table><p>cuts {result.settings.cuts}{note}; "
+            f"bytes/step and s/step are medians over the steps, from the client's counters and clock</p>")
 
 
 def _fmt(key: str, value) -> str:
@@ -152,6 +158,8 @@ def _fmt(key: str, value) -> str:
         return f"{value / 1e6:.2f} MB"
     if key in ("loss", "s/step"):
         return f"{value:.3f}"
+    if key == "s/step range":
+        return f"{value[0]:.2f}–{value[1]:.2f}"
     if key == "Bottom ΔW":
         return "0" if value == 0 else f"{value:.4f}"
     return str(value)
