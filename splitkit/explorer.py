@@ -1,7 +1,8 @@
 """The split-point explorer: what moving the two cuts changes, as numbers, a plot and a widget.
 
 `explore(model, cuts)` is a plain function (tests call it); `explorer_widget(model)` wraps it
-in an ipywidgets IntRangeSlider and redraws a table and a bar chart on every move.
+in an ipywidgets IntRangeSlider and redraws a table and a bar chart on every move. The bytes
+per step are measured: one step of each split mode against a trunk server in a thread.
 """
 
 import io
@@ -11,76 +12,97 @@ import torch
 from matplotlib.figure import Figure
 
 from .lora import LoraSpec
+from .protocol import DETACH, FULL, FULL_TRUNK, SERVER_MODES, STEP
 from .server import TrunkServer
 from .split import check_cuts, count_parameters, split_model
-from .testing import max_rel_diff, reference_grads
+from .testing import max_rel_diff, random_batch, reference_grads
 from .train import Learner
 
+NOTHING_TO_COMPARE = "nothing to compare"  # the gradient check's answer when the client has no LoRA
 
-def explore(model, cuts, batch_size: int = 8, seq_len: int = 64, lora: LoraSpec | None = None,
+
+def explore(model, cuts, batch_size: int = 2, seq_len: int = 16, lora: LoraSpec | None = None,
             gradient_check: bool = True) -> dict:
-    """Parameters, compute, bytes per step and trainable LoRA per side for one pair of cuts.
+    """Blocks, parameters, compute share, measured bytes per step and trainable LoRA per side for one pair of cuts.
 
-    With gradient_check, one full-mode step over a real trunk server is compared with the
-    unsplit model: `grad_rel_diff` is the largest relative difference over all LoRA gradients.
+    One training step of each mode runs on a random batch of batch_size x seq_len tokens against a
+    trunk server in a thread; its bytes come from the client's counters. With gradient_check, the
+    client's LoRA gradients of the `full` step are compared with the unsplit model's: `grad_rel_diff`
+    is the largest relative difference, or None when the client has no LoRA (cuts (0, n)).
     """
     lora = lora or LoraSpec(init_b=0.02)
     n = model.config.num_hidden_layers
     a, b = check_cuts(cuts, n)
     bottom, trunk, top = split_model(model, (a, b))
-    client_params = count_parameters(torch.nn.ModuleList([bottom, top]))[0]
-    server_params = count_parameters(trunk)[0]
     block_params = count_parameters(trunk)[0] / (b - a)
-    lora_per_block = _lora_params_per_block(model, lora)
-    hidden = batch_size * seq_len * model.config.hidden_size * 4  # one float32 (B, T, d) tensor
+    measured = measure_steps(model, (a, b), lora, batch_size, seq_len, gradient_check)
     out = {
         "cuts": (a, b),
         "blocks": {"bottom": a, "trunk": b - a, "top": n - b},
-        "params": {"client": client_params, "server": server_params},
-        # per token a block costs ~2 FLOPs per weight forward; the LM head is the client's
+        "params": {"client": count_parameters(torch.nn.ModuleList([bottom, top]))[0],  # the tied table once
+                   "server": count_parameters(trunk)[0]},
+        # an estimate: per token a block costs ~2 FLOPs per weight; the LM head is the client's
         "compute_share_server": (b - a) * block_params / (n * block_params + model.lm_head.weight.numel()),
-        "bytes_per_step": {"detach": 2 * hidden, "full": 4 * hidden, "full+trunk": 4 * hidden},
-        "trainable": {"bottom": a * lora_per_block, "trunk": (b - a) * lora_per_block, "top": (n - b) * lora_per_block},
+        "batch": (batch_size, seq_len),
+        "bytes_per_step": measured["bytes"],
+        "tensors_per_step": measured["tensors"],
+        "trainable": measured["trainable"],
     }
     if gradient_check:
-        out["grad_rel_diff"] = gradient_check_full(model, (a, b), lora)
+        out["grad_rel_diff"] = measured["grad_rel_diff"]
     return out
 
 
-def _lora_params_per_block(model, lora: LoraSpec) -> int:
-    block = split_model(model, (0, 1)).trunk
-    wanted = set(lora.targets(model.config))
-    return sum(lora.r * sum(m.weight.shape) for name, m in block.named_modules()  # A: (r, in), B: (out, r)
-               if name.rsplit(".", 1)[-1] in wanted)
+def measure_steps(model, cuts, lora: LoraSpec, batch_size: int, seq_len: int, gradient_check: bool) -> dict:
+    """One step of each split mode against a trunk server in a thread, measured by the client.
 
-
-def gradient_check_full(model, cuts, lora: LoraSpec, tokens: int = 8) -> float:
-    """Largest relative difference between split (full mode, real socket) and unsplit LoRA gradients."""
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, min(model.config.vocab_size, 2000), (1, tokens), generator=g)
-    batch = {"input_ids": ids, "labels": ids}
+    Returns {"bytes": {mode: bytes sent + received}, "tensors": {mode: (B, T, d) tensors that crossed},
+    "trainable": {part: LoRA parameters}, "grad_rel_diff": float | None (with gradient_check)}.
+    """
+    batch = random_batch(model.config.vocab_size, batch_size, seq_len, seed=0)
+    hidden = [batch_size, seq_len, model.config.hidden_size]  # the shape of h1, h2, dL/dh2, dL/dh1
+    out = {"bytes": {}, "tensors": {}, "trainable": {}}
     server = TrunkServer(model, cuts, bind="tcp://127.0.0.1:*")
     try:
-        with Learner(model, mode="full", cuts=cuts, address=server.start(), lora=lora) as learner:
-            learner.forward_backward(batch)
-            got = learner.lora_grads()
+        address = server.start()
+        for mode in SERVER_MODES:
+            with Learner(model, mode=mode, cuts=cuts, address=address, lora=lora) as learner:
+                client, seen = learner.client, len(learner.client.messages)
+                before = client.bytes_sent + client.bytes_received
+                learner.step(batch)
+                out["bytes"][mode] = client.bytes_sent + client.bytes_received - before
+                messages = list(client.messages)[seen:]
+                out["tensors"][mode] = sum(shape == hidden for m in messages for shape in m["sent"] + m["received"])
+                if mode == FULL:
+                    out["trainable"]["bottom"] = count_parameters(learner.bottom)[1]
+                    out["trainable"]["top"] = count_parameters(learner.top)[1]
+                    grads = {k: g for k, g in learner.lora_grads().items() if g is not None}
+                if mode == FULL_TRUNK:  # the step reply carries the whole Trunk LoRA
+                    out["trainable"]["trunk"] = sum(torch.Size(s).numel() for m in messages if m["op"] == STEP
+                                                    for s in m["received"])
     finally:
         server.stop()
-    return max_rel_diff(got, reference_grads(model, cuts, lora, batch, train_trunk=False))
+    out["trainable"] = {part: out["trainable"][part] for part in ("bottom", "trunk", "top")}
+    if gradient_check:
+        out["grad_rel_diff"] = (max_rel_diff(grads, reference_grads(model, cuts, lora, batch, train_trunk=False))
+                                if grads else None)
+    return out
 
 
 def plot_explore(result: dict, ax=None):
-    """Bars: blocks, parameters and trainable LoRA parameters on each side."""
+    """Bars: blocks, parameters and trainable LoRA parameters on each side, and the measured bytes per step."""
     if ax is None:  # a Figure of its own, outside pyplot's global state, as the widget's callback needs
-        fig = Figure(figsize=(9, 2.6))
-        axes = fig.subplots(1, 3)
+        fig = Figure(figsize=(12, 2.6))
+        axes = fig.subplots(1, 4)
     else:
         fig, axes = ax[0].figure, ax
-    colours = {"bottom": "tab:blue", "trunk": "tab:grey", "top": "tab:orange",
-               "client": "tab:blue", "server": "tab:grey"}
-    for ax_, (title, values, scale) in zip(axes, [("blocks", result["blocks"], 1),
-                                                  ("parameters (M)", result["params"], 1e6),
-                                                  ("trainable LoRA (k)", result["trainable"], 1e3)], strict=True):
+    colours = {"bottom": "tab:blue", "trunk": "tab:grey", "top": "tab:orange", "client": "tab:blue",
+               "server": "tab:grey", DETACH: "tab:red", FULL: "tab:blue", FULL_TRUNK: "tab:green"}
+    B, T = result["batch"]
+    panels = [("blocks", result["blocks"], 1), ("parameters (M)", result["params"], 1e6),
+              ("trainable LoRA (k)", result["trainable"], 1e3),
+              (f"kB per step, batch {B}×{T} (measured)", result["bytes_per_step"], 1e3)]
+    for ax_, (title, values, scale) in zip(axes, panels, strict=True):
         ax_.bar(list(values), [v / scale for v in values.values()], color=[colours[k] for k in values])
         ax_.set_title(title, fontsize=10)
     fig.suptitle(f"cuts = {result['cuts']}", fontsize=10)
@@ -95,25 +117,39 @@ def plot_png(result: dict) -> bytes:
     return png.getvalue()
 
 
+def format_grad_check(value) -> str:
+    return NOTHING_TO_COMPARE if value is None else f"{value:.1e}"
+
+
 def format_explore(result: dict) -> str:
     """The numbers as an HTML table (what the widget shows)."""
+    B, T = result["batch"]
+    kb = {mode: f"{result['bytes_per_step'][mode] / 1e3:,.1f} kB" for mode in SERVER_MODES}
+    tensors = result["tensors_per_step"]
     rows = [("blocks (bottom / trunk / top)", " / ".join(str(v) for v in result["blocks"].values())),
             ("parameters on the client", f"{result['params']['client'] / 1e6:.1f} M"),
             ("parameters on the server", f"{result['params']['server'] / 1e6:.1f} M"),
-            ("share of the compute on the server", f"{result['compute_share_server']:.0%}"),
-            ("bytes per step, detach", f"{result['bytes_per_step']['detach'] / 1e6:.2f} MB"),
-            ("bytes per step, full", f"{result['bytes_per_step']['full'] / 1e6:.2f} MB"),
+            ("share of the compute on the server (estimated from the weights)",
+             f"{result['compute_share_server']:.0%}"),
+            (f"measured bytes per step, batch {B} × {T} tokens: detach / full / full+trunk",
+             f"{kb[DETACH]} / {kb[FULL]} / {kb[FULL_TRUNK]}"),
+            ("(B, T, d) tensors on the wire per step: detach / full / full+trunk",
+             f"{tensors[DETACH]} / {tensors[FULL]} / {tensors[FULL_TRUNK]}"),
             ("trainable LoRA, client (full)", f"{(result['trainable']['bottom'] + result['trainable']['top']):,}"),
             ("trainable LoRA, server (full+trunk)", f"{result['trainable']['trunk']:,}")]
     if "grad_rel_diff" in result:
-        rows.append(("gradient check vs unsplit (max rel. diff)", f"{result['grad_rel_diff']:.1e}"))
+        rows.append(("gradient check vs unsplit (max rel. diff)", format_grad_check(result["grad_rel_diff"])))
     body = "".join(f"<tr><td style='text-align:left'>{k}</td><td class='value' style='text-align:right'>{v}</td></tr>"
                    for k, v in rows)
     return f"<table class='splitkit-explore'>{body}</table>"
 
 
-def explorer_widget(model, cuts=(10, 20), **options):
-    """An IntRangeSlider for the two cuts, with the table and the plot it updates."""
+def explorer_widget(model, cuts=(10, 20), result: dict | None = None, **options):
+    """An IntRangeSlider for the two cuts, with the table and the plot it updates.
+
+    `result` is explore()'s answer for `cuts` if it was computed already; it is drawn at once. Each
+    cut measured is kept, so that moving back to it redraws at once too.
+    """
     import ipywidgets as widgets
     from IPython.display import HTML, Image, display
 
@@ -122,16 +158,19 @@ def explorer_widget(model, cuts=(10, 20), **options):
                                     continuous_update=False, layout=widgets.Layout(width="500px"))
     out = widgets.Output()
     busy = threading.Lock()  # one redraw at a time, however fast the slider moves
+    known = {} if result is None else {tuple(result["cuts"]): result}  # cuts -> explore()'s answer
 
     def update(change=None):
         with busy, out:
             out.clear_output(wait=True)
+            cuts = tuple(slider.value)
             try:
-                result = explore(model, slider.value, **options)
+                if cuts not in known:
+                    known[cuts] = explore(model, cuts, **options)
             except ValueError as e:
                 display(HTML(f"<p class='splitkit-error'><b>These cuts do not work:</b> {e}</p>"))
                 return
-            display(HTML(format_explore(result)), Image(plot_png(result)))
+            display(HTML(format_explore(known[cuts])), Image(plot_png(known[cuts])))
 
     slider.observe(update, names="value")
     update()

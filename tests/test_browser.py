@@ -133,6 +133,7 @@ def check_explorer(page, explore, name: str, wait_s: float = 120):
 
     # 1. drag the lower handle to about a third of its place
     handle, track = widget.locator(".noUi-handle-lower"), widget.locator(".noUi-base")
+    bring_into_view(page, track)
     box, start = track.bounding_box(), handle.bounding_box()
     page.mouse.move(start["x"] + start["width"] / 2, start["y"] + start["height"] / 2)
     page.mouse.down()
@@ -153,6 +154,21 @@ def check_explorer(page, explore, name: str, wait_s: float = 120):
     assert state["cuts"] == (15, 25), f"typing 15-25 set the cuts to {state['cuts']}"
     assert_table_matches(state, explore)
     shot(page, f"{name}_after_typing", widget)
+
+
+def bring_into_view(page, element, tries: int = 40):
+    """Scroll `element` into the window and wait until it stays put: cells above it (a tall figure) may
+    still be laying out after a scroll, and a drag aimed at a stale position misses the slider."""
+    previous = None
+    for _ in range(tries):
+        element.scroll_into_view_if_needed()
+        settle(page)
+        box = element.bounding_box()
+        if box is not None and box == previous and 0 <= box["y"] <= page.viewport_size["height"] - box["height"]:
+            return
+        previous = box
+        page.wait_for_timeout(250)
+    raise AssertionError(f"the slider does not stay in view: last at {previous}")
 
 
 def explorer_state(widget) -> dict:
@@ -187,7 +203,7 @@ def wait_for_new_state(page, widget, before: dict, wait_s: float) -> dict:
 
 def assert_table_matches(state: dict, explore):
     """The numbers shown are those `explore` gives for the shown cuts; the plot is one image."""
-    from splitkit.explorer import format_explore, plot_png
+    from splitkit.explorer import NOTHING_TO_COMPARE, format_explore, plot_png
 
     a, b = state["cuts"]
     assert state["blocks"] == f"{a} / {b - a} / {N_BLOCKS - b}", state["table"]
@@ -195,7 +211,10 @@ def assert_table_matches(state: dict, explore):
     shown = dict(state["table"])
     check = shown.pop("gradient check vs unsplit (max rel. diff)", None)
     assert shown == dict(expected), f"cuts {(a, b)}: the table shows {shown}, explore gives {dict(expected)}"
-    assert check is not None and float(check) <= 1e-5, f"gradient check shows {check!r}"
+    if (a, b) == (0, N_BLOCKS):  # no LoRA on the client: no gradient to compare
+        assert check == NOTHING_TO_COMPARE, f"gradient check shows {check!r}"
+    else:
+        assert check is not None and float(check) <= 1e-5, f"gradient check shows {check!r}"
     assert len(state["images"]) == 1 and state["images"][0][1] > 300, f"plot: {state['images']}"
     shown_png = base64.b64decode(state["images"][0][0].split(",", 1)[1])
     assert shown_png == plot_png(explore((a, b))), f"cuts {(a, b)}: the plot shown is not the one for these cuts"
