@@ -23,6 +23,8 @@ def save_adapter(learner, base_model, folder) -> Path:
     trained = {**dict(lora_parameters(learner.bottom)), **dict(lora_parameters(learner.top))}
     if learner.mode == FULL_TRUNK:
         trained.update(learner.client.trunk_lora())  # the server's copy of this session's Trunk LoRA
+    if not trained:
+        raise ValueError(f"nothing to save: with cuts {learner.cuts} in mode {learner.mode!r} no block has LoRA")
     unsplit = unsplit_reference(copy.deepcopy(base_model), learner.cuts, learner.lora,
                                 train_trunk=learner.mode == FULL_TRUNK)
     slots = dict(lora_parameters(unsplit))

@@ -6,6 +6,7 @@ the split run and one from the unsplit model can be compared name by name.
 """
 
 import re
+import warnings
 import zlib
 from dataclasses import dataclass, field
 
@@ -62,13 +63,21 @@ def add_adapter(peft_part: PeftModel, spec: LoraSpec, config, adapter: str):
 
 
 def unsplit_reference(model, cuts, lora: LoraSpec, train_trunk: bool):
-    """The unsplit model (changed in place) with LoRA on the blocks a split run trains, same init."""
+    """The unsplit model (changed in place) with LoRA on the blocks a split run trains, same init.
+
+    With no such block (cuts (0, n) and a frozen Trunk) it is the model itself, frozen: nothing trains.
+    """
     n = model.config.num_hidden_layers
     a, b = check_cuts(cuts, n)
+    layers = list(range(n)) if train_trunk else [*range(a), *range(b, n)]
+    if not layers:  # PEFT reads an empty layers_to_transform as "every layer"
+        return model.requires_grad_(False)
     config = lora_config(lora, model.config)
-    config.layers_to_transform = list(range(n)) if train_trunk else [*range(a), *range(b, n)]
+    config.layers_to_transform = layers
     config.layers_pattern = family(model.config).blocks
-    peft_model = get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft asks transformers a question that transformers has renamed
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, config)
     init_lora(peft_model, lora)
     return peft_model
 

@@ -49,7 +49,9 @@ def max_rel_diff(got: dict, want: dict) -> float:
 def reference_grads(model, cuts, lora: LoraSpec, batch: dict, train_trunk: bool) -> dict:
     """LoRA gradients of the unsplit model on `batch`, with LoRA where a split run would put it."""
     ref = unsplit_reference(copy.deepcopy(model), cuts, lora, train_trunk)
-    criterion(ref(input_ids=batch["input_ids"]).logits, batch["labels"]).backward()
+    loss = criterion(ref(input_ids=batch["input_ids"]).logits, batch["labels"])
+    if loss.requires_grad:  # else no block has LoRA there: no gradient to compare
+        loss.backward()
     return lora_grads(ref)
 
 
