@@ -6,6 +6,7 @@ per step are measured: one step of each split mode against a trunk server in a t
 """
 
 import io
+import math
 import threading
 
 import torch
@@ -76,7 +77,7 @@ def measure_steps(model, cuts, lora: LoraSpec, batch_size: int, seq_len: int, gr
                 if mode == FULL:
                     out["trainable"]["bottom"] = count_parameters(learner.bottom)[1]
                     out["trainable"]["top"] = count_parameters(learner.top)[1]
-                    grads = {k: g for k, g in learner.lora_grads().items() if g is not None}
+                    grads = learner.lora_grads()  # {name: gradient or None}: a None is a gradient that never came
                 if mode == FULL_TRUNK:  # the step reply carries the whole Trunk LoRA
                     out["trainable"]["trunk"] = sum(torch.Size(s).numel() for m in messages if m["op"] == STEP
                                                     for s in m["received"])
@@ -84,9 +85,21 @@ def measure_steps(model, cuts, lora: LoraSpec, batch_size: int, seq_len: int, gr
         server.stop()
     out["trainable"] = {part: out["trainable"][part] for part in ("bottom", "trunk", "top")}
     if gradient_check:
-        out["grad_rel_diff"] = (max_rel_diff(grads, reference_grads(model, cuts, lora, batch, train_trunk=False))
-                                if grads else None)
+        out["grad_rel_diff"] = gradient_check_of(grads, reference_grads(model, cuts, lora, batch, train_trunk=False))
     return out
+
+
+def gradient_check_of(got: dict, want: dict) -> float | None:
+    """The largest relative difference of the split's LoRA gradients to the unsplit model's.
+
+    None when there is nothing to compare (no LoRA on the client); infinity when a gradient the unsplit
+    model has is missing in the split (None, as in the simplified version) or the two name other tensors.
+    """
+    if not want and not got:
+        return None
+    if got.keys() != want.keys() or any(g is None for g in got.values()):
+        return math.inf
+    return max_rel_diff(got, want)
 
 
 def plot_explore(result: dict, ax=None):
@@ -118,7 +131,9 @@ def plot_png(result: dict) -> bytes:
 
 
 def format_grad_check(value) -> str:
-    return NOTHING_TO_COMPARE if value is None else f"{value:.1e}"
+    if value is None:
+        return NOTHING_TO_COMPARE
+    return "gradients missing" if math.isinf(value) else f"{value:.1e}"
 
 
 def format_explore(result: dict) -> str:

@@ -78,3 +78,17 @@ def test_plot_shows_blocks_parameters_lora_and_bytes_in_their_units(model):
     assert heights[1] == pytest.approx([r["params"]["client"] / 1e6, r["params"]["server"] / 1e6])
     assert heights[2] == pytest.approx([v / 1e3 for v in r["trainable"].values()])
     assert heights[3] == pytest.approx([v / 1e3 for v in r["bytes_per_step"].values()])
+
+
+def test_the_gradient_check_catches_a_gradient_that_never_came(model):
+    """A Bottom left without its gradient (the simplified version's failure) fails the check; it is not skipped."""
+    import torch
+
+    from splitkit.explorer import format_grad_check, gradient_check_of
+
+    want = {"bottom.0.lora_A": torch.ones(2), "top.5.lora_A": torch.ones(2)}
+    assert gradient_check_of(dict(want), want) == 0.0
+    assert gradient_check_of({"bottom.0.lora_A": None, "top.5.lora_A": torch.ones(2)}, want) == float("inf")
+    assert gradient_check_of({"top.5.lora_A": torch.ones(2)}, want) == float("inf")
+    assert gradient_check_of({}, {}) is None
+    assert format_grad_check(float("inf")) == "gradients missing"
