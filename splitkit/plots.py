@@ -47,15 +47,18 @@ def layer_changes(history) -> dict:
     return out
 
 
+NO_LORA, NOT_MOVED, MOVED = "no LoRA", "LoRA present, ΔW = 0 (no gradient)", "LoRA present, moved"
+
+
 def part_labels(history, n_layers: int) -> dict:
-    """{part: 'no LoRA' | 'LoRA present, ΔW = 0 (no gradient)' | None (LoRA that moved)} after the last step."""
+    """{part: NO_LORA | NOT_MOVED | MOVED}: each part's LoRA after the last step."""
     changes, (a, b) = layer_changes(history), history.cuts
     labels = {}
     for part, blocks in (("bottom", range(0, a)), ("trunk", range(a, b)), ("top", range(b, n_layers))):
         if not blocks:
             continue
         moved = [changes[i] for i in blocks if i in changes]
-        labels[part] = "no LoRA" if not moved else "LoRA present, ΔW = 0 (no gradient)" if max(moved) == 0 else None
+        labels[part] = NO_LORA if not moved else NOT_MOVED if max(moved) == 0 else MOVED
     return labels
 
 
@@ -76,9 +79,9 @@ def plot_lora_changes(histories, n_layers: int):
             ax.axvspan(start - 0.5, stop - 0.5, color=PART_COLOURS[part], alpha=0.08)
         ax.bar(list(changes), list(changes.values()), color=[PART_COLOURS[h.part_of(f"{i}.")] for i in changes])
         for part, label in part_labels(h, n_layers).items():
-            if label is not None:
+            if label != MOVED:  # a part that moved shows its bars; the others say why they have none
                 start, stop = spans[part]
-                colour = "dimgrey" if label == "no LoRA" else PART_COLOURS[part]
+                colour = "dimgrey" if label == NO_LORA else PART_COLOURS[part]
                 ax.text((start + stop - 1) / 2, 0.5 * top, label.replace(", ", ",\n"), ha="center", va="center",
                         fontsize=8, color=colour)
         ax.set_ylim(0, 1.1 * top)
