@@ -36,7 +36,7 @@ test: setup $(CHROMIUM) lint
 lint: setup
 	$(VENV)/bin/ruff check .
 
-# Benchmarks: tables in bench/results/ (about 35 minutes on 2 CPU cores)
+# Benchmarks: tables in bench/results/ (about 40 minutes on 2 CPU cores)
 bench: setup
 	cd bench && for b in wire step compression startup notebooks; do $(abspath $(PY)) $$b.py || exit 1; done
 
