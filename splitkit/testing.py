@@ -58,10 +58,12 @@ def reference_grads(model, cuts, lora: LoraSpec, batch: dict, train_trunk: bool)
 class ServerProcess:
     """`trunk_server.py` in a process of its own, as a class would run it; ready when it answers."""
 
-    def __init__(self, model: str, cuts, *args: str, port: int | None = None, timeout: float = 300):
-        self.address = f"tcp://127.0.0.1:{port or free_port()}"
-        command = [sys.executable, str(ROOT / "trunk_server.py"), "--model", model, "--cuts", *map(str, cuts),
-                   "--bind", self.address, "--log-level", "WARNING", *args]
+    def __init__(self, model: str, cuts, *args: str, port: int | None = None, timeout: float = 300,
+                 host: str = "127.0.0.1", prefix=()):
+        """`prefix` runs the server through another command, e.g. ("ip", "netns", "exec", NAME) for a namespace."""
+        self.address = f"tcp://{host}:{port or free_port()}"
+        command = [*prefix, sys.executable, str(ROOT / "trunk_server.py"), "--model", model, "--cuts",
+                   *map(str, cuts), "--bind", self.address, "--log-level", "WARNING", *args]
         self.started = time.perf_counter()
         self.process = subprocess.Popen(command, cwd=ROOT)
         self.ready_after = self._wait(timeout)
