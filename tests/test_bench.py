@@ -51,3 +51,15 @@ def test_notebook_bench_times_a_notebook(tmp_path):
     nbformat.write(nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("assert 1 + 1 == 2")]), notebook)
     text = run("notebooks.py", str(notebook), out=tmp_path)
     assert "| tiny.ipynb |" in text and "1 passed" in text
+
+
+def test_network_bench_measures_each_rate_or_says_why_not(tmp_path):
+    text = run("network.py", "--model", "tiny-llama", "--cuts", "2", "4", "--size", "2x8", "--rates", "50",
+               "--warmup", "1", "--reps", "1", out=tmp_path)
+    rows = table(text)
+    if "no network namespace could be made" in text:  # not root, or no `ip`/`tc`: loopback only, and it says so
+        assert [r[0] for r in rows] == ["loopback", "MB on the wire per step"]
+    else:
+        assert [r[0] for r in rows] == ["loopback", "50 Mbit/s", "MB on the wire per step"]
+    assert "(1.00×)" in rows[0][2]  # loopback float32 is the reference
+    assert float(rows[-1][3]) < 0.6 * float(rows[-1][2])  # float16 halves the tensors' bytes
