@@ -85,6 +85,8 @@ def read_text(path) -> str:
 
 def _lines(path: Path):
     """(line number, line) of a UTF-8 file; a line that is not UTF-8 is named."""
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
             try:
@@ -94,7 +96,7 @@ def _lines(path: Path):
 
 
 def _open(path: Path):
-    if not path.exists():
+    if not path.is_file():
         raise DataError(f"{path}: no such file")
     return open(path, encoding="utf-8", newline="")
 

@@ -52,6 +52,12 @@ def test_a_bad_file_gets_an_error_that_names_the_line(tmp_path, tokenizer, name,
         load_data(write(tmp_path, name, text), tokenizer)
 
 
+@pytest.mark.parametrize("name", ["missing.jsonl", "missing.csv", "missing.txt"])
+def test_a_missing_file_gets_an_error_that_names_it(tmp_path, tokenizer, name):
+    with pytest.raises(DataError, match=f"{name}: no such file"):
+        load_data(tmp_path / name, tokenizer)
+
+
 def test_a_line_that_is_not_utf8_is_named(tmp_path, tokenizer):
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"prompt": "a", "answer": "b"}\n{"prompt": "caf\xe9", "answer": "b"}\n')
