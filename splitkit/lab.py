@@ -9,7 +9,6 @@ a progress bar, plots redrawn as it trains, and a table of what was measured at 
 import io
 import statistics
 import threading
-import time
 from dataclasses import dataclass, field
 
 from matplotlib.figure import Figure
@@ -22,7 +21,7 @@ from .lora import LoraSpec
 from .plots import LOSS_LABEL, PART_COLOURS, layer_changes
 from .server import TrunkServer
 from .split import split_model
-from .train import History, Learner, exact_match
+from .train import History, Learner, exact_match, record_step
 
 LINE_COLOURS = {"detach": "tab:red", "full": "tab:purple", "full+trunk": "tab:green"}  # unlike the parts' colours
 
@@ -85,7 +84,7 @@ def run_lab(model, tokenizer, settings: LabSettings, on_step=None, stop: threadi
                 result.stopped = True
                 break
             for mode, learner in learners.items():
-                _record(result.histories[mode], learner, next(streams[mode]))
+                record_step(result.histories[mode], learner, next(streams[mode]))
             if on_step is not None:
                 on_step(result)
         for mode, learner in learners.items():
@@ -96,15 +95,6 @@ def run_lab(model, tokenizer, settings: LabSettings, on_step=None, stop: threadi
             learner.close()
         server.stop()
     return result
-
-
-def _record(history: History, learner: Learner, batch):
-    sent, received, start = learner.client.bytes_sent, learner.client.bytes_received, time.perf_counter()
-    history.loss.append(learner.step(batch))
-    history.seconds.append(time.perf_counter() - start)
-    history.bytes_sent.append(learner.client.bytes_sent - sent)
-    history.bytes_received.append(learner.client.bytes_received - received)
-    history.delta_norms.append(learner.delta_norms())
 
 
 def plot_lab(result: LabResult, n_layers: int) -> bytes:

@@ -161,16 +161,22 @@ def train(learner: Learner, batches, steps: int, progress: bool = True) -> Histo
     history = History(learner.mode, learner.cuts)
     bar = tqdm(range(steps), desc=learner.mode, disable=not progress)
     for _ in bar:
-        sent0, recv0, t0 = _bytes(learner) + (time.perf_counter(),)
-        loss = learner.step(next(batches))
-        sent1, recv1 = _bytes(learner)
-        history.loss.append(loss)
-        history.seconds.append(time.perf_counter() - t0)
-        history.bytes_sent.append(sent1 - sent0)
-        history.bytes_received.append(recv1 - recv0)
-        history.delta_norms.append(learner.delta_norms())
+        loss = record_step(history, learner, next(batches))
         bar.set_postfix(loss=f"{loss:.3f}")
     return history
+
+
+def record_step(history: History, learner: Learner, batch) -> float:
+    """One training step; its loss, seconds, bytes each way and LoRA changes are appended to `history`."""
+    sent0, recv0, t0 = _bytes(learner) + (time.perf_counter(),)
+    loss = learner.step(batch)
+    sent1, recv1 = _bytes(learner)
+    history.loss.append(loss)
+    history.seconds.append(time.perf_counter() - t0)
+    history.bytes_sent.append(sent1 - sent0)
+    history.bytes_received.append(recv1 - recv0)
+    history.delta_norms.append(learner.delta_norms())
+    return loss
 
 
 def _bytes(learner):
