@@ -3,6 +3,7 @@
 import os
 import platform
 import statistics
+import time
 from datetime import date
 from pathlib import Path
 
@@ -50,3 +51,21 @@ def ratio(value: float, target: float | None = None) -> str:
     """'1.01×', with ✓ or ✗ when there is a target."""
     mark = "" if target is None else (" ✓" if value <= target else " ✗")
     return f"{value:.2f}×{mark}"
+
+
+def in_turns(names, i: int) -> list:
+    """`names` rotated by `i`, so that over the runs every variant takes every place in the order."""
+    names = list(names)
+    return names[i % len(names):] + names[:i % len(names)]
+
+
+def timed_step(learner, batch) -> tuple[float, float, int]:
+    """(loss, seconds, bytes sent + received) of one training step."""
+    before, t0 = bytes_so_far(learner), time.perf_counter()
+    loss = learner.step(batch)
+    return loss, time.perf_counter() - t0, bytes_so_far(learner) - before
+
+
+def bytes_so_far(learner) -> int:
+    """Bytes the learner's client has sent and received so far (0 for the unsplit model)."""
+    return learner.client.bytes_sent + learner.client.bytes_received if learner.client else 0

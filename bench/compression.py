@@ -11,10 +11,9 @@ server process and start from the same weights:
 """
 
 import argparse
-import time
 from pathlib import Path
 
-from _common import median_ms, write_table
+from _common import in_turns, median_ms, timed_step, write_table
 from splitkit import Learner, load_model
 from splitkit.data import batches, facts
 from splitkit.models import SMOLLM2
@@ -59,14 +58,10 @@ def main(argv=None):
         seconds, wire_bytes = {d: [] for d in DTYPES}, {}
         for i in range(args.warmup + args.reps):
             timed = random_batch(model.config.vocab_size, *args.size, seed=i, prompt=0)
-            order = DTYPES[i % 3:] + DTYPES[:i % 3]
-            for d in order:
-                c = learners[d].client
-                before, t0 = c.bytes_sent + c.bytes_received, time.perf_counter()
-                learners[d].step(timed)
+            for d in in_turns(DTYPES, i):
+                _, took, wire_bytes[d] = timed_step(learners[d], timed)
                 if i >= args.warmup:
-                    seconds[d].append(time.perf_counter() - t0)
-                wire_bytes[d] = c.bytes_sent + c.bytes_received - before
+                    seconds[d].append(took)
         for learner in learners.values():
             learner.close()
 

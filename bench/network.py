@@ -13,10 +13,9 @@ and measures loopback only.
 import argparse
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
-from _common import median_ms, write_table
+from _common import in_turns, median_ms, timed_step, write_table
 from splitkit import Learner, load_model
 from splitkit.models import SMOLLM2
 from splitkit.testing import ServerProcess, random_batch
@@ -106,14 +105,10 @@ def main(argv=None):
                 server = servers[0] if mbit is None else servers[1]
                 if mbit is not None:
                     link.rate(mbit)
-                order = DTYPES[i % 3:] + DTYPES[:i % 3]
-                for d in order:
-                    c = learners[server, d].client
-                    before, t0 = c.bytes_sent + c.bytes_received, time.perf_counter()
-                    learners[server, d].step(batch)
+                for d in in_turns(DTYPES, i):
+                    _, took, wire_bytes[d] = timed_step(learners[server, d], batch)
                     if i >= args.warmup:
-                        seconds[row, d].append(time.perf_counter() - t0)
-                    wire_bytes[d] = c.bytes_sent + c.bytes_received - before
+                        seconds[row, d].append(took)
         for learner in learners.values():
             learner.close()
     finally:

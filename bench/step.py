@@ -11,10 +11,9 @@ over ZeroMQ on loopback, as in a class.
 """
 
 import argparse
-import time
 from pathlib import Path
 
-from _common import median_ms, ratio, write_table
+from _common import in_turns, median_ms, ratio, timed_step, write_table
 from splitkit import Learner, LoraSpec, load_model
 from splitkit.models import SMOLLM2
 from splitkit.testing import ServerProcess, random_batch
@@ -65,17 +64,11 @@ def main(argv=None):
             first_loss, wire_bytes = {}, {}
             for i in range(args.warmup + args.reps):
                 batch = random_batch(vocab, batch_size, seq, seed=i, prompt=0)
-                names = list(learners)
-                names = names[i % len(names):] + names[:i % len(names)]
-                for name in names:
-                    learner = learners[name]
-                    sent = _bytes(learner)
-                    t0 = time.perf_counter()
-                    loss = learner.step(batch)
+                for name in in_turns(learners, i):
+                    loss, took, wire_bytes[name] = timed_step(learners[name], batch)
                     if i >= args.warmup:
-                        seconds[name].append(time.perf_counter() - t0)
+                        seconds[name].append(took)
                     first_loss.setdefault(name, loss)
-                    wire_bytes[name] = _bytes(learner) - sent
             for name, _, _, baseline, target in VARIANTS:
                 ms = median_ms(seconds[name])
                 vs = f"{ratio(ms / median_ms(seconds[baseline]), target)} {baseline}" if baseline else "—"
@@ -101,10 +94,6 @@ The fallback server recomputed {recomputed['fallback']} forwards; the stateful o
     write_table("step", "Training step: split against unsplit",
                 ["batch×tokens", "variant", "ms / step", "spread ms", "ratio", "MB on the wire / step",
                  "loss at step 1"], rows, notes, out=args.out and Path(args.out))
-
-
-def _bytes(learner) -> int:
-    return learner.client.bytes_sent + learner.client.bytes_received if learner.client else 0
 
 
 if __name__ == "__main__":
