@@ -98,16 +98,24 @@ class Blocks(nn.Module):
         self.layers = nn.ModuleDict({str(i): lay.layers[i] for i in range(start, stop)})
         self.rotary = lay.rotary
 
-    def forward(self, h):  # (B, T, d) -> (B, T, d)
+    def forward(self, h, attention_mask=None, position_ids=None, past_key_values=None):  # (B, T, d) -> (B, T, d)
+        """Without the keywords: the whole sequence, no padding. For generation: `attention_mask` (B, past + T),
+        1 for a token and 0 for padding, `position_ids` (B, T), and a transformers Cache that the blocks fill."""
         if not self.layers:
             return h
-        position_ids = torch.arange(h.shape[1], device=h.device)[None]  # (1, T): positions 0..T-1, no padding
+        if position_ids is None:
+            position_ids = torch.arange(h.shape[1], device=h.device)[None]  # (1, T): positions 0..T-1, no padding
         kinds = {i: layer_type(self.config, int(i)) for i in self.layers}
-        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=h, attention_mask=None, past_key_values=None,
-                                   position_ids=position_ids) for kind in set(kinds.values())}
-        rotary = {kind: self._rotary(h, position_ids, kind) for kind in set(kinds.values())}
+        first = {kind: int(next(i for i in self.layers if kinds[i] == kind)) for kind in set(kinds.values())}
+        masks = {kind: MASKS[kind](config=self.config, inputs_embeds=h, attention_mask=attention_mask,
+                                   past_key_values=past_key_values, position_ids=position_ids,
+                                   **({} if past_key_values is None else {"layer_idx": first[kind]}))
+                 for kind in first}  # layer_idx: a part's cache holds only its own blocks
+        rotary = {kind: self._rotary(h, position_ids, kind) for kind in first}
+        extra = {} if past_key_values is None else {"past_key_values": past_key_values, "use_cache": True}
         for i, layer in self.layers.items():
-            extra = {} if rotary[kinds[i]] is None else {"position_embeddings": rotary[kinds[i]]}
+            if rotary[kinds[i]] is not None:
+                extra["position_embeddings"] = rotary[kinds[i]]
             h = layer(h, attention_mask=masks[kinds[i]], position_ids=position_ids, **extra)
         return h
 
@@ -118,6 +126,14 @@ class Blocks(nn.Module):
         if "layer_type" in inspect.signature(self.rotary.forward).parameters:
             return self.rotary(h, position_ids, kind)
         return self.rotary(h, position_ids)
+
+
+def left_padding(pad, start: int, stop: int, device=None):
+    """(attention_mask (B, stop), position_ids (B, stop - start)) of columns [start, stop) of rows that are
+    left-padded by `pad` (B,) tokens, as transformers' generate() makes them: 0 on padding, positions from 0."""
+    pad = torch.as_tensor(pad, device=device)[:, None]  # (B, 1)
+    mask = (torch.arange(stop, device=device)[None] >= pad).long()  # (B, stop)
+    return mask, (torch.arange(start, stop, device=device)[None] - pad).clamp(min=0)  # (B, stop - start)
 
 
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
@@ -132,13 +148,14 @@ class Bottom(nn.Module):
         self.tokens, self.positions, self.dropout = lay.tokens, lay.positions, lay.dropout
         self.blocks = Blocks(model, 0, a)
 
-    def forward(self, input_ids):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
         h = self.tokens(input_ids)  # (B, T, d)
         if self.positions is not None:
-            h = h + self.positions(torch.arange(input_ids.shape[1], device=input_ids.device))
+            where = torch.arange(input_ids.shape[1], device=input_ids.device) if position_ids is None else position_ids
+            h = h + self.positions(where)
         if self.dropout is not None:
             h = self.dropout(h)
-        return self.blocks(h)  # (B, T, d)
+        return self.blocks(h, attention_mask, position_ids, past_key_values)  # (B, T, d)
 
 
 class Trunk(Blocks):
@@ -155,8 +172,8 @@ class Top(nn.Module):
         self.norm, self.lm_head = lay.norm, lay.lm_head
         self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
 
-    def forward(self, h):
-        logits = self.lm_head(self.norm(self.blocks(h)))  # (B, T, vocab)
+    def forward(self, h, attention_mask=None, position_ids=None, past_key_values=None):
+        logits = self.lm_head(self.norm(self.blocks(h, attention_mask, position_ids, past_key_values)))  # (B, T, vocab)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
