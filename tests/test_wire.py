@@ -95,3 +95,39 @@ def _header(**fields) -> bytes:
 def test_bad_messages_say_what_is_wrong(frames, message):
     with pytest.raises(wire.WireError, match=message):
         wire.decode(frames)
+
+
+def test_blockwise8_keeps_each_value_within_half_a_step_of_its_block(pair):
+    a, b = pair
+    t = torch.randn(3, 7, 50) * torch.logspace(-3, 3, 50)  # neighbouring blocks of very different sizes
+    frames = wire.encode({"op": "forward"}, [t], dtype=wire.BLOCKWISE8)
+    a.send_multipart(frames, copy=False)
+    header, (x,) = wire.decode(b.recv_multipart(copy=False))
+    assert header["tensors"] == [{"dtype": "blockwise8", "shape": [3, 7, 50]}]
+    assert x.dtype == torch.float32 and x.shape == t.shape
+    n, blocks = t.numel(), -(-t.numel() // 64)
+    assert wire.nbytes(frames[1:]) == 4 * blocks + n  # a float32 scale per 64 values, then a byte per value
+    for j in range(blocks):  # each value within half a quantisation step (its block's absmax / 127) of the truth
+        want, got = t.reshape(-1)[64 * j:64 * (j + 1)], x.reshape(-1)[64 * j:64 * (j + 1)]
+        assert (got - want).abs().max() <= want.abs().max() / 127 / 2 * (1 + 1e-5)
+
+
+def test_blockwise8_of_a_hidden_state_is_under_027_of_float32():
+    t = torch.randn(8, 64, 576)
+    sizes = {d: wire.nbytes(wire.encode({}, [t], dtype=d)[1:]) for d in ("float32", wire.BLOCKWISE8)}
+    assert sizes[wire.BLOCKWISE8] / sizes["float32"] <= 0.27
+    assert torch.equal(wire.decode(wire.encode({}, [torch.zeros(2, 3)], dtype=wire.BLOCKWISE8))[1][0],
+                       torch.zeros(2, 3))  # a block of zeros has scale 0, and comes back as zeros
+
+
+@pytest.mark.parametrize("scale, message", [(float("nan"), "NaN or infinite"), (-1.0, "negative")])
+def test_a_bad_blockwise8_scale_is_refused(scale, message):
+    frame = bytearray(wire.quantize_blockwise(torch.ones(70)).numpy().tobytes())
+    frame[4:8] = np.float32(scale).tobytes()  # the second block's scale
+    with pytest.raises(wire.WireError, match=message):
+        wire.decode([_header(tensors=[{"dtype": "blockwise8", "shape": [70]}]), bytes(frame)])
+
+
+def test_a_blockwise8_frame_of_the_wrong_length_says_what_it_needs():
+    with pytest.raises(wire.WireError, match=r"needs 78 bytes \(2 float32 scales, 70 int8 values\), the frame has 77"):
+        wire.decode([_header(tensors=[{"dtype": "blockwise8", "shape": [70]}]), b"\0" * 77])
