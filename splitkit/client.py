@@ -44,17 +44,19 @@ class TrunkClient:
 
     def __init__(self, address: str, timeout: float = REQUEST_TIMEOUT, retries: int = REQUEST_RETRIES,
                  wire_dtype: str = "float32", curve_dir: str | Path | None = None):
-        if wire_dtype not in wire.DTYPES:
-            raise ValueError(f"wire_dtype must be one of {', '.join(wire.DTYPES)}")
+        if wire_dtype not in wire.WIRE_DTYPES:
+            raise ValueError(f"wire_dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         self.address, self.timeout, self.retries, self.wire_dtype = address, timeout, retries, wire_dtype
         self.curve_dir = None if curve_dir is None else Path(curve_dir)
         self.session = secrets.token_hex(16)
         self.bytes_sent = self.bytes_received = 0
         self.reopened = 0        # times the session was opened again on a restarted server
+        self.resent = 0          # generation steps whose KV cache the server had lost: the prefix went again
         self.last_step = {}      # the newest reply to step(): delta norms of the trunk LoRA
         self.messages = deque(maxlen=1000)  # what crossed the wire: op, shapes and bytes each way
         self._ids = itertools.count()
         self._keys = itertools.count()
+        self._generations = itertools.count()
         self._hello = None       # what the handshake said, to say it again after a restart
         self._trunk_lora = None  # (names, tensors): the newest trunk LoRA, restored after a restart
         self._ctx = zmq.Context.instance()
@@ -67,25 +69,52 @@ class TrunkClient:
         differs, if the model is not the server's (compared by fingerprint, not by name)."""
         self._hello = {"op": P.HELLO, "model": model.config.name_or_path, "cuts": list(cuts),
                        "hidden_size": model.config.hidden_size, "fingerprint": fingerprint(model, cuts),
-                       "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr}
+                       "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr,
+                       "wire_dtype": self.wire_dtype}
         header, _ = self._call(dict(self._hello), reopen=False)
         return header
 
-    def forward(self, h1: torch.Tensor, key: int | None = None) -> torch.Tensor:
-        """h2 = Trunk(h1). With a `key`, the server keeps the graph under it for the backward."""
-        header = {"op": P.FORWARD} if key is None else {"op": P.FORWARD, "key": key}
+    def forward(self, h1: torch.Tensor, key: int | None = None, pad: list | None = None) -> torch.Tensor:
+        """h2 = Trunk(h1). With a `key`, the server keeps the graph under it for the backward; with `pad`
+        (each row's left padding), padding is masked out and positions start at each row's first token."""
+        header = {"op": P.FORWARD, **_given(key=key, pad=pad)}
         _, (h2,) = self._call(header, [h1])
         return h2.to(h1.dtype)
 
-    def backward(self, g2: torch.Tensor, key: int, h1: torch.Tensor | None = None) -> torch.Tensor:
-        """dL/dh1 from dL/dh2. If the server lost the state, send h1 so that it recomputes."""
+    def backward(self, g2: torch.Tensor, key: int, h1: torch.Tensor | None = None,
+                 pad: list | None = None) -> torch.Tensor:
+        """dL/dh1 from dL/dh2. If the server lost the state, send h1 (and its forward's `pad`) so that it recomputes."""
         try:
             _, (g1,) = self._call({"op": P.BACKWARD, "key": key}, [g2])
         except TrunkError as e:
             if e.code != P.STATE_MISSING or h1 is None:
                 raise
-            _, (g1,) = self._call({"op": P.BACKWARD, "key": key}, [g2, h1])
+            _, (g1,) = self._call({"op": P.BACKWARD, "key": key, **_given(pad=pad)}, [g2, h1])
         return g1.to(g2.dtype)
+
+    def infer(self, h1: torch.Tensor, gen: int, start: int, pad: list | None = None,
+              prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """h2 for positions [start, start + T) of generation `gen`, the server keeping the Trunk's KV cache.
+        `start` 0 begins a generation (rows left-padded by `pad`); if the server lost the cache, `prefix`
+        (the h1 of positions [0, start)) is sent again with h1, and the server builds the cache anew."""
+        try:
+            _, (h2,) = self._call({"op": P.INFER, "gen": gen, "start": start, **_given(pad=pad)}, [h1])
+        except TrunkError as e:
+            if e.code != P.CACHE_MISSING or prefix is None:
+                raise
+            self.resent += 1
+            _, (h2,) = self._call({"op": P.INFER, "gen": gen, "start": 0, **_given(pad=pad)},
+                                  [torch.cat([prefix, h1], dim=1)])
+            h2 = h2[:, start:]  # (B, T, d): the new positions
+        return h2.to(h1.dtype)
+
+    def release(self, gen: int) -> bool:
+        """Drop generation `gen`'s KV cache on the server; say whether it still had one."""
+        header, _ = self._call({"op": P.RELEASE, "gen": gen})
+        return header["released"]
+
+    def new_generation(self) -> int:
+        return next(self._generations)
 
     def step(self) -> dict:
         """Apply the trunk LoRA's optimizer on the server (full+trunk); keep a copy of the new LoRA."""
@@ -182,6 +211,11 @@ class TrunkClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _given(**fields) -> dict:
+    """The optional header fields that have a value."""
+    return {k: v for k, v in fields.items() if v is not None}
 
 
 class _RemoteTrunkFunction(torch.autograd.Function):

@@ -13,7 +13,8 @@ VERSION = wire.PROTOCOL
 # ops: what a request asks for
 HELLO, FORWARD, BACKWARD, STEP = "hello", "forward", "backward", "step"
 LORA_STATE, STATS, BYE = "lora_state", "stats", "bye"
-OPS = (HELLO, FORWARD, BACKWARD, STEP, LORA_STATE, STATS, BYE)
+INFER, RELEASE = "infer", "release"  # generation: the Trunk with a KV cache kept per generation, and its end
+OPS = (HELLO, FORWARD, BACKWARD, STEP, LORA_STATE, STATS, BYE, INFER, RELEASE)
 
 # modes: what a session trains. "local" is the unsplit model and needs no server.
 DETACH = "detach"          # the simplified version: h1.detach() goes out, no backward crosses the wire
@@ -29,10 +30,11 @@ UNKNOWN_SESSION = "unknown_session"  # the server restarted or closed the sessio
 MISMATCH = "mismatch"                # the client's Bottom/Top do not fit this server's Trunk
 STALE = "stale"                      # an id older than the newest answered one: never run
 STATE_MISSING = "state_missing"      # no forward state for this backward: send h1 with it
+CACHE_MISSING = "cache_missing"      # no KV cache for this generation at this length: send the whole prefix again
 BUSY = "busy"                        # the server is at its session limit: try again later
 INTERNAL = "internal"                # a bug in the server; the server goes on
 UNAVAILABLE = "unavailable"          # (client side) no answer within the timeout, after every retry
-CODES = (BAD_REQUEST, UNKNOWN_SESSION, MISMATCH, STALE, STATE_MISSING, BUSY, INTERNAL)
+CODES = (BAD_REQUEST, UNKNOWN_SESSION, MISMATCH, STALE, STATE_MISSING, CACHE_MISSING, BUSY, INTERNAL)
 
 
 class Refused(Exception):
@@ -62,6 +64,39 @@ def state_key(header: dict) -> int:
     if type(key) is not int or key < 0:
         raise Refused("'key' (the step's state key) must be a non-negative integer")
     return key
+
+
+def generation(header: dict) -> int:
+    gen = header.get("gen")
+    if type(gen) is not int or not 0 <= gen < 2**53:
+        raise Refused("'gen' (the generation's id) must be a non-negative integer")
+    return gen
+
+
+def start(header: dict) -> int:
+    at = header.get("start")
+    if type(at) is not int or at < 0:
+        raise Refused("'start' (how many positions the generation's cache already holds) must be an integer >= 0")
+    return at
+
+
+def padding(header: dict, batch: int, length: int) -> list[int] | None:
+    """The left padding of each row ('pad'), or None if not sent: each row keeps at least one token of `length`."""
+    pad = header.get("pad")
+    if pad is None:
+        return None
+    if (not isinstance(pad, list) or len(pad) != batch
+            or not all(type(p) is int and 0 <= p < length for p in pad)):
+        raise Refused(f"'pad' must be a list of {batch} integers, each row's left padding, in [0, {length})")
+    return pad
+
+
+def wire_dtype(header: dict) -> str:
+    """The wire dtype a client asks for in its hello (float32 if it names none)."""
+    name = header.get("wire_dtype", "float32")
+    if name not in wire.WIRE_DTYPES:
+        raise Refused(f"wire dtype {name!r} is not one of this server's: {', '.join(wire.WIRE_DTYPES)}")
+    return name
 
 
 def mode(header: dict) -> str:

@@ -154,6 +154,7 @@ class TrunkServer:
     def _open(self, sid: str, header: dict, tensors: list) -> Session:
         P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
         mode = P.mode(header)
+        P.wire_dtype(header)
         lora, lr = (P.lora_spec(header.get("lora")), P.learning_rate(header)) if mode == P.FULL_TRUNK else (None, 0.0)
         session = self.sessions.open(sid, mode, lora, lr, header.get("names"), tensors)
         log.info("session %s… opened (%s), %d open", sid[:8], mode, len(self.sessions))
@@ -165,21 +166,38 @@ class TrunkServer:
         P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
         if P.mode(header) != session.mode:  # a hello on an open session may not change it
             raise Refused(f"session {session.id[:8]}… is open in mode {session.mode}; say bye before changing it")
-        return wire.encode(P.ok(header, session=session.id, mode=session.mode, **self.identity))
+        return wire.encode(P.ok(header, session=session.id, mode=session.mode, wire_dtype=P.wire_dtype(header),
+                                wire_dtypes=list(wire.WIRE_DTYPES), **self.identity))
 
     def _forward(self, session: Session, header: dict, tensors: list) -> list:
         (h1,) = self._hidden(tensors, (1,))                  # (B, T, d), as the client's Bottom gave it
         key = P.state_key(header) if "key" in header else None
+        pad = P.padding(header, *h1.shape[:2])               # left padding of each row, or None
         if key is None:                                      # nothing kept: no backward will follow
             with torch.no_grad():
-                h2 = self.sessions.run(session, h1.to(self.device, torch.float32))
+                h2 = self.sessions.run(session, h1.to(self.device, torch.float32), pad)
         elif session.mode == P.DETACH:
             raise Refused("this session was opened in detach mode; open it in 'full' mode to keep states")
         else:
-            state = self._forward_with_graph(session, h1)
+            state = self._forward_with_graph(session, h1, pad)
             self.sessions.keep(session, key, state)
             h2 = state.h2
-        return wire.encode(P.ok(header), [h2], dtype=h1.dtype)  # (B, T, d) in the dtype h1 came in
+        return wire.encode(P.ok(header), [h2], dtype=_came_in(header))  # (B, T, d) in the wire dtype h1 came in
+
+    def _infer(self, session: Session, header: dict, tensors: list) -> list:
+        gen = P.generation(header)
+        try:
+            (h1,) = self._hidden(tensors, (1,))              # (B, T, d): the new positions of one generation
+            start = P.start(header)
+            pad = P.padding(header, h1.shape[0], start + h1.shape[1])
+            h2 = self.sessions.infer(session, gen, start, pad, h1.to(self.device, torch.float32))
+        except Refused:
+            self.sessions.release(session, gen)              # a refused step leaves no cache to go wrong with
+            raise
+        return wire.encode(P.ok(header), [h2], dtype=_came_in(header))  # (B, T, d)
+
+    def _release(self, session: Session, header: dict, tensors: list) -> list:
+        return wire.encode(P.ok(header, released=self.sessions.release(session, P.generation(header))))
 
     def _backward(self, session: Session, header: dict, tensors: list) -> list:
         if session.mode == P.DETACH:
@@ -195,11 +213,11 @@ class TrunkServer:
             raise Refused(f"dL/dh2 has shape {list(g2.shape)}, the forward gave {list(state.h2.shape)}")
         if state is None:                                    # the stateless fallback: recompute the forward
             self.counters["recomputed"] += 1
-            state = self._forward_with_graph(session, tensors[1])
+            state = self._forward_with_graph(session, tensors[1], P.padding(header, *g2.shape[:2]))
         session.pop(key)                                     # a state serves one backward, then it is gone
         self.sessions.activate(session)
         torch.autograd.backward(state.h2, g2)                # the VJP: h1.grad = J^T · dL/dh2, J = dh2/dh1
-        return wire.encode(P.ok(header), [state.h1.grad], dtype=tensors[0].dtype)  # dL/dh1: (B, T, d)
+        return wire.encode(P.ok(header), [state.h1.grad], dtype=_came_in(header))  # dL/dh1: (B, T, d)
 
     def _step(self, session: Session, header: dict, tensors: list) -> list:
         if session.mode != P.FULL_TRUNK:
@@ -224,14 +242,21 @@ class TrunkServer:
     def _hidden(self, tensors: list, counts: tuple) -> list:
         return P.hidden_states(tensors, counts, self.hidden_size, self.limits.max_tokens)
 
-    def _forward_with_graph(self, session: Session, h1) -> State:
+    def _forward_with_graph(self, session: Session, h1, pad=None) -> State:
         h1 = h1.to(self.device, torch.float32).requires_grad_(True)  # a leaf: the backward leaves dL/dh1 in h1.grad
         with torch.enable_grad():
-            return State(h1, self.sessions.run(session, h1))  # h2 = Trunk(h1), graph kept
+            return State(h1, self.sessions.run(session, h1, pad))  # h2 = Trunk(h1), graph kept
 
     def stats(self) -> dict:
         return {**self.identity, "sessions": len(self.sessions), "states": self.sessions.states(),
-                "uptime_s": round(time.monotonic() - self._started, 1), **self.counters}
+                "generations": self.sessions.generations(), "cached_tokens": self.sessions.cached_tokens(),
+                "cache_bytes": self.sessions.cache_bytes(), "uptime_s": round(time.monotonic() - self._started, 1),
+                **self.counters}
+
+
+def _came_in(header: dict) -> str:
+    """The wire dtype of a request's first tensor: its reply goes back in the same one."""
+    return header["tensors"][0]["dtype"]
 
 
 def _bind(ctx, bind: str, curve_dir):

@@ -1,8 +1,8 @@
 """What a trunk server remembers: one Session per client, within Limits, and each session's Trunk LoRA.
 
 A session holds its forward states (h1 and h2 with their graph, kept from a forward until its
-backward), its newest reply (to answer a retry without running it twice) and, in full+trunk,
-its own LoRA adapter on the one shared Trunk, with its own optimizer.
+backward), its generations' KV caches, its newest reply (to answer a retry without running it
+twice) and, in full+trunk, its own LoRA adapter on the one shared Trunk, with its own optimizer.
 """
 
 import time
@@ -10,9 +10,11 @@ from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
+from transformers import DynamicCache
 
 from .lora import LoraSpec, add_adapter, add_lora, lora_grads, lora_parameters
-from .protocol import BUSY, FULL_TRUNK, Refused, lora_state
+from .protocol import BUSY, CACHE_MISSING, FULL_TRUNK, Refused, lora_state
+from .split import left_padding
 
 
 @dataclass
@@ -25,6 +27,10 @@ class Limits:
     state_max_age_s: float = 300.0  # a forward state not used by a backward within this is dropped
     max_sessions: int = 128         # open sessions; one more hello is refused as busy
     session_idle_s: float = 3600.0  # a session that sends nothing for this long is closed
+    generations_per_session: int = 4  # KV caches a session keeps; past it its least recently used is dropped
+    generations_total: int = 32       # KV caches over all sessions (0: none kept, every token re-sends the prefix)
+    cached_tokens: int = 256 * 1024   # batch × positions over all KV caches; past it the least recently used go
+    generation_idle_s: float = 300.0  # a KV cache not used for this long is dropped
 
     def __post_init__(self):
         negative = [name for name, value in asdict(self).items() if value < 0]
@@ -42,6 +48,20 @@ class State:
 
 
 @dataclass
+class Generation:
+    """One generation's Trunk KV cache: keys and values of every position so far, and each row's left padding."""
+
+    cache: DynamicCache
+    pad: list          # (B,) left padding of each row
+    length: int = 0    # positions in the cache
+    seen: float = field(default_factory=time.monotonic)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.pad) * self.length
+
+
+@dataclass
 class Session:
     """One client's state on the server."""
 
@@ -51,6 +71,7 @@ class Session:
     lr: float = 0.0
     optimizer: torch.optim.Optimizer | None = None  # full+trunk: AdamW over this session's Trunk LoRA
     states: OrderedDict = field(default_factory=OrderedDict)  # key -> State, oldest first
+    generations: OrderedDict = field(default_factory=OrderedDict)  # gen id -> Generation, least recently used first
     last_id: int = -1  # the newest request answered...
     last_reply: list | None = None  # ...and its reply, sent again if the request comes again
     seen: float = field(default_factory=time.monotonic)
@@ -124,7 +145,7 @@ class Sessions:
         return sum(len(s.states) for s in self.table.values())
 
     def sweep(self):
-        """Close idle sessions and drop forward states that waited too long for their backward."""
+        """Close idle sessions, drop forward states that waited too long for their backward and idle KV caches."""
         now = time.monotonic()
         for s in list(self.table.values()):
             if now - s.seen > self.limits.session_idle_s:
@@ -132,18 +153,77 @@ class Sessions:
                 continue
             for key in [k for k, state in s.states.items() if now - state.time > self.limits.state_max_age_s]:
                 del s.states[key]
+            for gen in [g for g, c in s.generations.items() if now - c.seen > self.limits.generation_idle_s]:
+                del s.generations[gen]
+
+    # ---------------------------------------------------------------- generation: the Trunk's KV caches
+
+    def infer(self, session: Session, gen: int, start: int, pad: list | None, h1):  # (B, T, d) -> (B, T, d)
+        """h2 for the next positions of generation `gen`; start 0 begins it (and needs `pad`), else its cache
+        must hold exactly `start` positions of the same batch, or the client is told to send the prefix again."""
+        batch, total = h1.shape[0], start + h1.shape[1]
+        generation = session.generations.pop(gen, None)  # whatever happens next, a failed request leaves none
+        if total * batch > min(self.limits.max_tokens, self.limits.cached_tokens):
+            raise Refused(f"a generation of {batch} x {total} positions is over this server's limit of "
+                          f"{min(self.limits.max_tokens, self.limits.cached_tokens)} tokens")
+        if start == 0:
+            generation = Generation(DynamicCache(config=self.config), pad if pad is not None else [0] * batch)
+        elif generation is None or generation.length != start or len(generation.pad) != batch:
+            have = "none" if generation is None else f"{len(generation.pad)} x {generation.length}"
+            raise Refused(f"no KV cache of generation {gen} for {batch} x {start} positions here (it holds "
+                          f"{have}; dropped, or the server restarted): send the whole prefix with start 0",
+                          CACHE_MISSING)
+        mask, positions = left_padding(generation.pad, start, total, h1.device)  # (B, start + T), (B, T)
+        with torch.no_grad():
+            h2 = self._trunk(session)(h1, attention_mask=mask, position_ids=positions,
+                                      past_key_values=generation.cache)
+        generation.length, generation.seen = total, time.monotonic()
+        session.generations[gen] = generation  # the most recently used
+        self._bound_generations(session)
+        return h2
+
+    def release(self, session: Session, gen: int) -> bool:
+        """Drop a generation's KV cache; say whether there was one."""
+        return session.generations.pop(gen, None) is not None
+
+    def generations(self) -> int:
+        return sum(len(s.generations) for s in self.table.values())
+
+    def cached_tokens(self) -> int:
+        return sum(g.tokens for s in self.table.values() for g in s.generations.values())
+
+    def cache_bytes(self) -> int:
+        """Bytes of keys and values held in every KV cache."""
+        return sum(t.nbytes for s in self.table.values() for g in s.generations.values()
+                   for layer in g.cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                   if isinstance(t, torch.Tensor))
+
+    def _bound_generations(self, session: Session):
+        while len(session.generations) > self.limits.generations_per_session:
+            session.generations.popitem(last=False)
+        while session.generations and (self.generations() > self.limits.generations_total
+                                       or self.cached_tokens() > self.limits.cached_tokens):
+            owner = min((s for s in self.table.values() if s.generations),
+                        key=lambda s: next(iter(s.generations.values())).seen)
+            owner.generations.popitem(last=False)
 
     # ---------------------------------------------------------------- the Trunk, with each session's LoRA
 
-    def run(self, session: Session, h1):  # (B, T, d) -> (B, T, d)
-        """h2 = Trunk(h1), with the session's own adapter in full+trunk and with no adapter otherwise."""
+    def run(self, session: Session, h1, pad: list | None = None):  # (B, T, d) -> (B, T, d)
+        """h2 = Trunk(h1), with the session's own adapter in full+trunk; rows left-padded by `pad` if given."""
+        if pad is None:
+            return self._trunk(session)(h1)
+        mask, positions = left_padding(pad, 0, h1.shape[1], h1.device)  # (B, T), (B, T)
+        return self._trunk(session)(h1, attention_mask=mask, position_ids=positions)
+
+    def _trunk(self, session: Session):
+        """The Trunk as this session sees it: with its own adapter in full+trunk, with none otherwise."""
         if session.mode == FULL_TRUNK:
             self.activate(session)
-            return self.peft(h1)
+            return self.peft
         if self.peft is None:
-            return self.trunk(h1)
-        with self.peft.disable_adapter():
-            return self.trunk(h1)
+            return self.trunk
+        return _without_adapters(self.peft, self.trunk)
 
     def activate(self, session: Session):
         """Make the session's adapter the trainable one (PEFT freezes the others), before its forward or backward."""
@@ -184,3 +264,11 @@ class Sessions:
         else:
             self.peft.delete_adapter(adapter)
 
+
+
+def _without_adapters(peft, trunk):
+    """Trunk(h, ...) with every session's adapter switched off for the call (PEFT's disable_adapter)."""
+    def call(*args, **kwargs):
+        with peft.disable_adapter():
+            return trunk(*args, **kwargs)
+    return call

@@ -1,5 +1,6 @@
 """Hypothesis strategies for messages a trunk server must survive: random bytes, bad headers, lies."""
 
+import itertools
 import json
 import pickle
 
@@ -7,6 +8,7 @@ import torch
 from hypothesis import strategies as st
 
 from splitkit import protocol as P
+from splitkit import wire
 from splitkit.wire import encode
 
 D = 64  # tiny-llama's hidden size
@@ -28,8 +30,12 @@ headers = st.fixed_dictionaries({}, optional={
                       st.just({"r": 2, "lora_alpha": 4})),
     "lr": st.one_of(st.floats(allow_nan=True), st.integers()),
     "names": st.one_of(st.none(), st.lists(st.text(max_size=8), max_size=3)),
+    "gen": st.one_of(st.integers(-3, 2**60), st.floats(), st.text(max_size=3)),
+    "start": st.one_of(st.integers(-3, 2**40), st.none()),
+    "pad": st.one_of(st.none(), st.lists(st.one_of(st.integers(-2, 50), st.text(max_size=2)), max_size=4)),
+    "wire_dtype": st.sampled_from(["float32", "blockwise8", "int4", ""]),
     "tensors": st.one_of(
-        st.lists(st.fixed_dictionaries({"dtype": st.sampled_from(["float32", "float16", "bfloat16", "int64", "object"]),
+        st.lists(st.fixed_dictionaries({"dtype": st.sampled_from([*wire.WIRE_DTYPES, "int64", "object"]),
                                         "shape": st.lists(st.integers(-2, 2**40), max_size=5)}), max_size=3),
         st.text(max_size=5), st.integers()),
 })
@@ -41,10 +47,28 @@ def _json_values():
                         max_leaves=8)
 
 
+OPEN = "a" * 32  # a session the fuzz test opens first, so that requests in it reach the ops
+_ids = itertools.count(1)
+
+
+@st.composite
+def generation(draw):
+    """An infer or release in the open session, with fields that are right, wrong or missing."""
+    op = draw(st.sampled_from([P.INFER, P.INFER, P.RELEASE]))
+    header = {"op": op, "session": OPEN, "id": next(_ids), "gen": draw(st.integers(0, 3)),
+              **draw(st.fixed_dictionaries({}, optional={"start": st.one_of(st.just(0), st.integers(-1, 12)),
+                                                          "pad": st.lists(st.integers(-1, 9), max_size=4)}))}
+    shape = (draw(st.integers(1, 3)), draw(st.integers(1, 9)), draw(st.sampled_from([D, D, 5])))
+    dtype = draw(st.sampled_from(["float32", "float16", "blockwise8"]))
+    return encode(header, [torch.randn(shape)] if op == P.INFER else [], dtype=dtype)
+
+
 @st.composite
 def malformed(draw):
-    """Frames of one message that is wrong in one of eight ways."""
-    kind = draw(st.sampled_from(["random", "json", "header", "lying", "huge", "pickle", "nan", "deep"]))
+    """Frames of one message that is wrong in one of nine ways, or an infer or release that may be right."""
+    kind = draw(st.sampled_from(["random", "json", "header", "lying", "huge", "pickle", "nan", "deep", "generation"]))
+    if kind == "generation":
+        return draw(generation())
     if kind == "random":
         return draw(st.lists(st.binary(max_size=64), min_size=0, max_size=5))
     if kind == "json":

@@ -8,14 +8,14 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 
-from splitkit import TrunkError, TrunkServer, load_model
+from splitkit import TrunkError, TrunkServer, load_model, wire
 from splitkit import protocol as P
 from splitkit.models import fingerprint
 from splitkit.sessions import Limits
 from splitkit.split import split_model
 from splitkit.wire import encode
 
-from .strategies import D, malformed
+from .strategies import OPEN, D, malformed
 
 CUTS = (2, 4)
 
@@ -37,26 +37,30 @@ def test_fuzz_server_survives_and_stays_bounded(llama, serve, client, raw_socket
         raise AssertionError("something unpickled bytes from the wire")
     monkeypatch.setattr(pickle, "loads", no_unpickling)
     monkeypatch.setattr(pickle, "load", no_unpickling)
-    address = serve(llama, CUTS, limits=Limits(max_sessions=16, states_total=8))
+    address = serve(llama, CUTS, limits=Limits(max_sessions=16, states_total=8, generations_total=3))
     server = serve.servers[-1]
     rss_before = psutil.Process().memory_info().rss
     sock = raw_socket(address)
-    count = 0
+    opened = dict(op=P.HELLO, session=OPEN, id=0, model="tiny-llama", cuts=list(CUTS), mode=P.FULL,
+                  hidden_size=D, fingerprint=fingerprint(llama, CUTS))
+    assert ask(sock, encode(opened))["ok"]  # requests in this session reach infer and release
+    count = answered = 0
 
     @settings(max_examples=1200, deadline=None, database=None, suppress_health_check=list(HealthCheck))
     @given(malformed())
     def send(frames):
-        nonlocal count
+        nonlocal count, answered
         reply = ask(sock, frames)
         count += 1
+        answered += reply.get("ok") is True
         assert isinstance(reply, dict) and "ok" in reply and "id" in reply
         if not reply["ok"]:
             assert reply["error"] and reply["code"] in set(P.CODES) - {P.INTERNAL}, reply
 
     send()
     assert count >= 1000
-    assert server.counters["errors"] >= 900
-    assert server.stats()["states"] <= 8 and len(server.sessions) <= 16
+    assert server.counters["errors"] >= 900 and answered >= 10  # some requests got through to infer and release
+    assert server.stats()["states"] <= 8 and len(server.sessions) <= 16 and server.stats()["generations"] <= 3
     assert psutil.Process().memory_info().rss - rss_before < 300 << 20
     # still serving, correctly
     c = client(address, timeout=5)
@@ -116,6 +120,16 @@ def test_hello_advertises_the_limits(llama, serve, client):
     c = client(serve(llama, CUTS, limits=Limits(max_tokens=100, states_per_session=2)), timeout=5)
     limits = hello(c, llama)["limits"]
     assert limits["max_tokens"] == 100 and limits["states_per_session"] == 2 and limits["max_sessions"] == 128
+
+
+def test_the_handshake_refuses_a_wire_dtype_the_server_does_not_read(llama, serve, raw_socket):
+    sock = raw_socket(serve(llama, CUTS))
+    fields = dict(op=P.HELLO, session="f" * 32, model="tiny-llama", cuts=list(CUTS), mode=P.FULL, hidden_size=D,
+                  fingerprint=fingerprint(llama, CUTS))
+    refused = ask(sock, encode(dict(fields, id=0, wire_dtype="int4")))
+    assert refused["code"] == P.BAD_REQUEST and "float32, float16, bfloat16, blockwise8" in refused["error"]
+    agreed = ask(sock, encode(dict(fields, id=1, wire_dtype="blockwise8")))
+    assert agreed["wire_dtype"] == "blockwise8" and agreed["wire_dtypes"] == list(wire.WIRE_DTYPES)
 
 
 def test_detach_session_cannot_keep_a_forward_state(llama, serve, client):
