@@ -5,13 +5,14 @@ Bottom and Top run on the client, the Trunk on a ZeroMQ trunk server. Start with
 """
 
 from .client import RemoteTrunk, TrunkClient, TrunkError, TrunkUnavailable
+from .generation import exact_match, generate
 from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, unsplit_reference
 from .models import MODELS, SMOLLM2, ModelUnavailable, load_model
 from .protocol import MODES
 from .server import TrunkServer
 from .sessions import Limits
 from .split import count_parameters, split_model
-from .train import Learner, exact_match, generate, train
+from .train import Learner, train
 
 __all__ = ["MODELS", "MODES", "SMOLLM2", "Learner", "Limits", "LoraSpec", "ModelUnavailable", "RemoteTrunk",
            "TrunkClient", "TrunkError", "TrunkServer", "TrunkUnavailable", "add_lora", "count_parameters",

@@ -14,11 +14,12 @@ from pathlib import Path
 from . import data
 from .datafiles import DataError, Dataset, load_data, perplexity, text_batches
 from .export import save_adapter
+from .generation import exact_match
 from .keys import make_keys
 from .models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
 from .protocol import LOCAL, MODES
 from .server import TrunkServer
-from .train import Learner, exact_match, train
+from .train import Learner, train
 
 TRUNK_ENV = "SPLITKIT_TRUNK"
 TRAIN_EXAMPLES = """examples:

@@ -17,11 +17,12 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from . import data
+from .generation import exact_match
 from .lora import LoraSpec
 from .plots import LOSS_LABEL, PART_COLOURS, layer_changes
 from .server import TrunkServer
 from .split import split_model
-from .train import History, Learner, exact_match, record_step
+from .train import History, Learner, record_step
 
 LINE_COLOURS = {"detach": "tab:red", "full": "tab:purple", "full+trunk": "tab:green"}  # unlike the parts' colours
 

@@ -48,6 +48,7 @@ class Learner:
             raise ValueError(f"mode {mode!r} needs the address of a trunk server")
         self.mode, self.cuts, self.lora = mode, check_cuts(cuts, model.config.num_hidden_layers), lora or LoraSpec()
         self.model = self.bottom = self.top = self.trunk = self.client = None
+        self.config = model.config
         model = copy.deepcopy(model)
         if mode == LOCAL:
             self.model = unsplit_reference(model, self.cuts, self.lora, train_trunk)  # the unsplit PeftModel
@@ -182,32 +183,3 @@ def record_step(history: History, learner: Learner, batch) -> float:
 def _bytes(learner):
     c = learner.client
     return (c.bytes_sent, c.bytes_received) if c else (0, 0)
-
-
-@torch.no_grad()
-def generate(learner: Learner, tokenizer, prompts, max_new_tokens: int = 4) -> list[str]:
-    """Greedy continuations, batched with right padding (causal attention ignores what follows)."""
-    rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
-    lengths = [len(r) for r in rows]
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    ids = torch.full((len(rows), max(lengths) + max_new_tokens), pad)  # (B, T)
-    for i, r in enumerate(rows):
-        ids[i, :len(r)] = torch.tensor(r)
-    new = [[] for _ in rows]
-    for _ in range(max_new_tokens):
-        logits = learner.logits(ids[:, :max(lengths)])  # (B, T, vocab)
-        for i, n in enumerate(lengths):
-            if new[i] and new[i][-1] == tokenizer.eos_token_id:
-                continue
-            token = int(logits[i, n - 1].argmax())
-            ids[i, n] = token
-            lengths[i] += 1
-            new[i].append(token)
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in new]
-
-
-def exact_match(learner: Learner, tokenizer, pairs, max_new_tokens: int = 4) -> tuple[float, list[str]]:
-    """Fraction of prompts whose greedy answer (first line) equals the expected one; and the answers."""
-    answers = generate(learner, tokenizer, [p for p, _ in pairs], max_new_tokens)
-    hits = [a.strip().split("\n")[0] == want.strip() for a, (_, want) in zip(answers, pairs, strict=True)]
-    return sum(hits) / len(pairs), answers

@@ -1,0 +1,160 @@
+"""Generation through the split with KV caches: the unsplit model's tokens, a lost cache recovered, memory bounded."""
+
+import time
+
+import pytest
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from splitkit import Learner, TrunkError, generate
+from splitkit import protocol as P
+from splitkit.generation import generate_ids
+from splitkit.sessions import Limits
+
+NEW = 10
+
+
+def cuts_of(model):
+    return (1, model.config.num_hidden_layers - 1)
+
+
+def padded_prompts(model, lengths=(4, 7, 2), seed=0):
+    """Left-padded random prompts (B, T) and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.randint(3, model.config.vocab_size, (len(lengths), width), generator=g)
+    mask = (torch.arange(width)[None] >= torch.tensor([width - n for n in lengths])[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("mode", ["full", "full+trunk"])
+def test_cached_split_generation_gives_the_unsplit_models_greedy_tokens(tiny, serve, spec, mode):
+    model, _ = tiny
+    cuts = cuts_of(model)
+    address = serve(model, cuts)
+    ids, mask = padded_prompts(model)
+    reference = Learner(model, mode="local", cuts=cuts, lora=spec, train_trunk=mode == "full+trunk")
+    want = reference.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                                    do_sample=False, pad_token_id=0)[:, ids.shape[1]:]  # transformers' own, cached
+    with Learner(model, mode=mode, cuts=cuts, address=address, lora=spec) as split:
+        cached = generate_ids(split, ids, mask, NEW)
+        uncached = generate_ids(split, ids, mask, NEW, cache=False)
+        sent = [m for m in split.client.messages if m["op"] == P.INFER]
+    assert torch.equal(cached, want) and torch.equal(uncached, want)
+    # after the prompt, one hidden state per row goes each way per token
+    d = model.config.hidden_size
+    assert [m["sent"] for m in sent] == [[[3, 7, d]]] + [[[3, 1, d]]] * (NEW - 1)
+    assert [m["received"] for m in sent] == [[[3, 7, d]]] + [[[3, 1, d]]] * (NEW - 1)
+    assert serve.servers[-1].stats()["generations"] == 0, "the finished generation's cache was not released"
+
+
+def test_a_lost_cache_is_answered_with_its_code_and_the_client_sends_the_prefix_again(llama, serve, client):
+    cuts = cuts_of(llama)
+    c = client(serve(llama, cuts))
+    c.hello(llama, cuts, mode=P.FULL)
+    h1 = torch.randn(2, 5, llama.config.hidden_size)
+    c.infer(h1, gen=7, start=0, pad=[0, 2])
+    assert c.release(7) and not c.release(7)
+    with pytest.raises(TrunkError) as e:
+        c.infer(h1[:, :1], gen=7, start=5)
+    assert e.value.code == P.CACHE_MISSING and "send the whole prefix" in str(e.value)
+    # with the prefix at hand the client recovers: the same h2 as one pass over the whole sequence
+    again = c.infer(h1[:, 4:], gen=7, start=4, pad=[0, 2], prefix=h1[:, :4])
+    whole = c.infer(h1, gen=8, start=0, pad=[0, 2])
+    assert c.resent == 1 and torch.allclose(again, whole[:, 4:], atol=1e-5)
+
+
+def test_a_server_that_keeps_no_cache_still_generates_the_same_tokens(llama, serve, spec):
+    cuts = cuts_of(llama)
+    ids, mask = padded_prompts(llama)
+    with Learner(llama, mode="full", cuts=cuts, address=serve(llama, cuts), lora=spec) as kept, \
+            Learner(llama, mode="full", cuts=cuts, address=serve(llama, cuts, limits=Limits(generations_total=0)),
+                    lora=spec) as lost:
+        want, got = generate_ids(kept, ids, mask, NEW), generate_ids(lost, ids, mask, NEW)
+        assert torch.equal(got, want)
+        assert kept.client.resent == 0 and lost.client.resent == NEW - 1  # every decode step lost its cache
+
+
+def test_many_abandoned_generations_keep_server_memory_bounded(llama, serve, client):
+    cuts = cuts_of(llama)
+    limits = Limits(generations_per_session=3, generations_total=5, cached_tokens=200, generation_idle_s=0.5)
+    address = serve(llama, cuts, limits=limits)
+    server = serve.servers[-1]
+    clients = [client(address) for _ in range(4)]
+    d = llama.config.hidden_size
+    for c in clients:
+        c.hello(llama, cuts, mode=P.FULL)
+        for gen in range(10):  # prompts that are never finished nor released
+            c.infer(torch.randn(2, 8, d), gen=gen, start=0, pad=[0, 3])
+            stats = server.stats()
+            assert stats["generations"] <= 5 and stats["cached_tokens"] <= 200
+            assert len(server.sessions.get(c.session).generations) <= 3
+    # what a cache holds: keys and values (kv heads × head dim) of each Trunk block, per token
+    config = llama.config
+    per_token = 2 * (cuts[1] - cuts[0]) * config.num_key_value_heads * (d // config.num_attention_heads) * 4
+    assert 0 < server.stats()["cache_bytes"] <= 200 * per_token
+    with pytest.raises(TrunkError) as e:  # the first generation went long ago
+        clients[0].infer(torch.randn(2, 1, d), gen=0, start=8)
+    assert e.value.code == P.CACHE_MISSING
+    time.sleep(0.6)
+    clients[0].stats()  # any request lets the server sweep
+    assert server.stats()["generations"] == 0 and server.stats()["cache_bytes"] == 0
+
+
+def test_a_decode_step_must_continue_its_cache(llama, serve, client):
+    cuts = cuts_of(llama)
+    c = client(serve(llama, cuts, limits=Limits(max_tokens=40)))
+    c.hello(llama, cuts, mode=P.FULL)
+    d = llama.config.hidden_size
+    cases = [(5, torch.randn(2, 1, d), 3, P.CACHE_MISSING, "it holds 2 x 5"),  # not where the cache ends
+             (5, torch.randn(3, 1, d), 5, P.CACHE_MISSING, "for 3 x 5"),        # another batch
+             (18, torch.randn(2, 3, d), 18, P.BAD_REQUEST, "2 x 21 positions is over this server's limit of 40"),
+             (5, torch.randn(2, 1, d), 0, P.BAD_REQUEST, "'pad' must be a list of 2")]
+    for prompt, h, start, code, message in cases:
+        c.infer(torch.randn(2, prompt, d), gen=1, start=0)
+        with pytest.raises(TrunkError, match=message) as e:
+            c.infer(h, gen=1, start=start, pad=[0, 5] if "pad" in message else None)
+        assert e.value.code == code
+        assert serve.servers[-1].stats()["generations"] == 0  # a refused step leaves no cache behind
+
+
+def test_sampling_is_seeded_stops_at_eos_and_streams(tiny, serve):
+    model, tokenizer = tiny
+    cuts = cuts_of(model)
+    ids, mask = padded_prompts(model)
+    with Learner(model, mode="full", cuts=cuts, address=serve(model, cuts)) as learner:
+        sample = dict(temperature=1.5, top_p=0.95)
+        one, again = (generate_ids(learner, ids, mask, NEW, seed=5, **sample) for _ in range(2))
+        other = generate_ids(learner, ids, mask, NEW, seed=6, **sample)
+        assert torch.equal(one, again) and not torch.equal(one, other)
+        # EOS: the row that makes it stops (padded after it); when every row has, generation ends
+        greedy = generate_ids(learner, ids, mask, NEW)
+        eos = int(greedy[1, 2])
+        stopped = generate_ids(learner, ids, mask, NEW, eos_token_id=eos, pad_token_id=0)
+        row = greedy[1].tolist()
+        assert stopped[1].tolist() == row[:row.index(eos) + 1] + [0] * (stopped.shape[1] - row.index(eos) - 1)
+        assert generate_ids(learner, ids[1:2], mask[1:2], NEW, eos_token_id=eos).shape[1] == row.index(eos) + 1
+        # streaming: a transformers streamer gets the prompt, then each token while the generation is under way
+        server = serve.servers[-1]
+        streamer = Recorder(lambda: server.stats()["generations"])
+        got = generate_ids(learner, ids[:1], mask[:1], NEW, streamer=streamer)
+        assert torch.equal(streamer.calls[0][1], ids[:1])
+        assert [int(t) for _, t in streamer.calls[1:]] == got[0].tolist() and streamer.ended == 1
+        assert all(held == 1 for held, _ in streamer.calls[1:])  # the cache was open: tokens came one by one
+        assert server.stats()["generations"] == 0
+        assert generate(learner, tokenizer, ["a"], 3)[0] == tokenizer.decode(generate_ids(
+            learner, torch.tensor([tokenizer("a", add_special_tokens=False).input_ids]), None, 3,
+            eos_token_id=tokenizer.eos_token_id)[0], skip_special_tokens=True)
+
+
+class Recorder(BaseStreamer):
+    """A streamer that notes each put, and what `probe()` said at that moment."""
+
+    def __init__(self, probe):
+        self.probe, self.calls, self.ended = probe, [], 0
+
+    def put(self, value):
+        self.calls.append((self.probe(), value))
+
+    def end(self):
+        self.ended += 1
