@@ -1,7 +1,7 @@
-"""float16 and bfloat16 on the wire against float32: bytes, time, gradients and the loss curve.
+"""float16, bfloat16 and 8-bit blockwise on the wire against float32: bytes, time, gradients and the loss curve.
 
-The client casts h1 and dL/dh2 to the wire dtype, the server casts back to float32 to compute
-and answers in the dtype it was sent. Three `full` learners, one per wire dtype, share a trunk
+The client casts (or quantises) h1 and dL/dh2 to the wire dtype, the server reads them back as
+float32 to compute and answers in the dtype it was sent. Four `full` learners, one per wire dtype, share a trunk
 server process and start from the same weights:
 - gradients: the LoRA gradients of one batch, against float32's;
 - time and bytes: steps at batch x tokens, in turns, median after warm-up;
@@ -14,13 +14,13 @@ import argparse
 from pathlib import Path
 
 from _common import in_turns, median_ms, timed_step, write_table
-from splitkit import Learner, load_model
+from splitkit import Learner, load_model, wire
 from splitkit.data import batches, facts
 from splitkit.models import SMOLLM2
 from splitkit.testing import ServerProcess, max_rel_diff, random_batch
 from step import parse_size
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = wire.WIRE_DTYPES  # float32, float16, bfloat16, blockwise8
 
 
 def gradients(learner, batch) -> dict:
@@ -45,7 +45,7 @@ def main(argv=None):
     with ServerProcess(args.model, args.cuts) as server:
         learners = {d: Learner(model, mode="full", cuts=args.cuts, address=server.address, lr=args.lr, wire_dtype=d)
                     for d in DTYPES}
-        # 1. gradients of one batch (nothing has trained yet, so all three hold the same weights)
+        # 1. gradients of one batch (nothing has trained yet, so all four hold the same weights)
         batch = next(batches(tokenizer, facts(), 8, seed=123))
         grads = {d: gradients(learner, batch) for d, learner in learners.items()}
         # 2. the loss curve on the kit's task
@@ -77,11 +77,11 @@ def main(argv=None):
     notes = f"""
 {args.model}, cuts {tuple(args.cuts)}, `full` mode, trunk server in its own process on loopback.
 Bytes and time: a step at {b}×{t} tokens, median of {args.reps} after {args.warmup} of warm-up, the
-three learners in turns. Gradient difference: the largest ‖g − g_float32‖ / ‖g_float32‖ over the LoRA gradients
+four learners in turns. Gradient difference: the largest ‖g − g_float32‖ / ‖g_float32‖ over the LoRA gradients
 of the Bottom and the Top, one batch of the kit's task. Loss: steps 1, 10 and {args.steps} of training
 on the kit's task (lr {args.lr}, batches of 8), and the largest gap to float32's curve at any step.
 """
-    write_table("compression", "Wire compression: float16 and bfloat16 against float32",
+    write_table("compression", "Wire compression: float16, bfloat16 and blockwise8 against float32",
                 ["wire dtype", "MB / step", "bytes vs float32", "ms / step", "time vs float32",
                  "gradient difference", f"loss at steps 1 → 10 → {args.steps}", "largest loss gap"],
                 rows, notes, out=args.out and Path(args.out))

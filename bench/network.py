@@ -16,12 +16,12 @@ import subprocess
 from pathlib import Path
 
 from _common import in_turns, median_ms, timed_step, write_table
-from splitkit import Learner, load_model
+from splitkit import Learner, load_model, wire
 from splitkit.models import SMOLLM2
 from splitkit.testing import ServerProcess, random_batch
 from step import parse_size
 
-DTYPES = ("float32", "float16", "bfloat16")
+DTYPES = wire.WIRE_DTYPES  # float32, float16, bfloat16, blockwise8
 NAMESPACE, HOST_IF, NS_IF = "splitkit-bench", "skbench0", "skbench1"
 HOST_IP, NS_IP = "10.231.7.1", "10.231.7.2"
 
