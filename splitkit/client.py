@@ -164,12 +164,12 @@ class TrunkClient:
     def _reopen(self):
         """After a server restart: open the same session again, with the trunk LoRA as we last saw it."""
         names, tensors = self._trunk_lora or (None, ())
-        self._request(dict(self._hello, names=names), tensors)
+        self._request(dict(self._hello, names=names), tensors, dtype="float32")  # the LoRA as it was, not rounded
         self.reopened += 1
 
-    def _request(self, header: dict, tensors=()):
+    def _request(self, header: dict, tensors=(), dtype: str | None = None):
         header = dict(header, session=self.session, id=next(self._ids))
-        frames = wire.encode(header, tensors, dtype=self.wire_dtype)
+        frames = wire.encode(header, tensors, dtype=dtype or self.wire_dtype)
         for _ in range(self.retries + 1):
             sock = self._socket()
             sock.send_multipart(frames, copy=False)
@@ -180,7 +180,7 @@ class TrunkClient:
                 rh, rt = wire.decode(reply)
                 self.messages.append({"op": header["op"], "sent": [list(t.shape) for t in tensors],
                                       "sent_bytes": wire.nbytes(frames), "received": [list(t.shape) for t in rt],
-                                      "received_bytes": wire.nbytes(reply), "dtype": self.wire_dtype,
+                                      "received_bytes": wire.nbytes(reply), "dtype": dtype or self.wire_dtype,
                                       "code": None if rh.get("ok") else rh.get("code")})
                 if not rh.get("ok"):
                     raise TrunkError(f"trunk server at {self.address}: {rh.get('error')}", rh.get("code", "?"))
