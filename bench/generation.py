@@ -3,8 +3,8 @@
 Three ways to generate the same tokens from the same weights (LoRA on the client's blocks, as after
 training in `full` mode): transformers' generate() on the unsplit model, splitkit's cached split
 generation (the Trunk's cache on the trunk server, the Bottom's and Top's in the client) and the uncached
-split path (the whole prefix through the three parts for every token). Greedy, EOS ignored so that
-every run makes exactly the same number of tokens; the three take turns, the median of several runs.
+split path (the whole prefix through the three parts for every token). Greedy, with no stop at EOS, so
+that every run makes exactly the same number of tokens; the three take turns, the median of several runs.
 
     python bench/generation.py                 # SmolLM2, cuts (10, 20), B = 1 and 8, 64 new tokens
     python bench/generation.py --server-device cuda
@@ -56,10 +56,11 @@ def main(argv=None):
     n = args.new_tokens
     with ServerProcess(args.model, args.cuts, "--device", args.server_device) as server:
         unsplit = Learner(model, mode="local", cuts=args.cuts, train_trunk=False)  # LoRA on the client's blocks
+        unsplit.model.get_base_model().generation_config.eos_token_id = None  # no stop at EOS (nor a ban on it)
         split = Learner(model, mode="full", cuts=args.cuts, address=server.address)
         run = {
             "unsplit, cached": lambda ids, mask: unsplit.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
                 pad_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:],
             "split, cached": lambda ids, mask: generate_ids(split, ids, mask, n),
             "split, uncached": lambda ids, mask: generate_ids(split, ids, mask, n, cache=False),

@@ -39,9 +39,19 @@ def test_wire_bench_compares_with_pickle_and_bare_bytes(tmp_path):
 def test_compression_bench_reports_each_wire_dtype(tmp_path):
     rows = table(run("compression.py", "--model", "tiny-llama", "--cuts", "2", "4", "--size", "2x8", "--warmup", "1",
                      "--reps", "1", "--steps", "10", out=tmp_path))
-    assert [r[0] for r in rows] == ["float32", "float16", "bfloat16"]
+    assert [r[0] for r in rows] == ["float32", "float16", "bfloat16", "blockwise8"]
     assert rows[0][2] == "1.00" and float(rows[1][2]) < 0.6 and float(rows[2][2]) < 0.6  # bytes vs float32
-    assert float(rows[0][5]) == 0 and 0 < float(rows[1][5]) < 1e-2  # gradient difference
+    assert float(rows[3][2]) < 0.35  # 8-bit tensors, the headers around them a larger share at this tiny size
+    assert float(rows[0][5]) == 0 and 0 < float(rows[1][5]) < 1e-2 and 0 < float(rows[3][5]) < 1e-1  # gradients
+
+
+def test_generation_bench_compares_three_ways_that_make_the_same_tokens(tmp_path):
+    text = run("generation.py", "--model", "tiny-llama", "--cuts", "2", "4", "--batches", "2", "--new-tokens", "4",
+               "--warmup", "0", "--reps", "1", out=tmp_path)
+    rows = table(text)
+    assert [r[3] for r in rows] == ["unsplit, cached", "split, cached", "split, uncached"]
+    assert [r[0] for r in rows] == ["bare"] * 3 and all(float(r[4]) > 0 for r in rows)  # tiny-llama: no chat template
+    assert "bare B = 2: yes" in text  # each way made the unsplit model's tokens
 
 
 def test_notebook_bench_times_a_notebook(tmp_path):

@@ -34,8 +34,9 @@ def test_cached_split_generation_gives_the_unsplit_models_greedy_tokens(tiny, se
     address = serve(model, cuts)
     ids, mask = padded_prompts(model)
     reference = Learner(model, mode="local", cuts=cuts, lora=spec, train_trunk=mode == "full+trunk")
-    want = reference.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
-                                    do_sample=False, pad_token_id=0)[:, ids.shape[1]:]  # transformers' own, cached
+    reference.model.get_base_model().generation_config.eos_token_id = None  # all NEW tokens, as generate_ids makes
+    want = reference.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                    pad_token_id=0)[:, ids.shape[1]:]  # transformers' own generate(), cached
     with Learner(model, mode=mode, cuts=cuts, address=address, lora=spec) as split:
         cached = generate_ids(split, ids, mask, NEW)
         uncached = generate_ids(split, ids, mask, NEW, cache=False)
