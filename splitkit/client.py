@@ -128,6 +128,14 @@ class TrunkClient:
         header, tensors = self._call({"op": P.LORA_STATE})
         return dict(zip(header["names"], tensors, strict=True))
 
+    def load_lora(self, state: dict) -> dict:
+        """Replace this session's trunk LoRA with {name: tensor} (a federated round's average, say); the
+        server's optimizer for it starts afresh."""
+        names, tensors = list(state), [t.detach().float() for t in state.values()]
+        header, _ = self._call({"op": P.LOAD_LORA, "names": names}, tensors, dtype="float32")  # never rounded
+        self._trunk_lora = (names, tensors)
+        return header
+
     def stats(self) -> dict:
         header, _ = self._call({"op": P.STATS}, reopen=False)
         return header
@@ -150,11 +158,11 @@ class TrunkClient:
 
     # ------------------------------------------------------------------ the Lazy Pirate
 
-    def _call(self, header: dict, tensors=(), reopen: bool = True):
+    def _call(self, header: dict, tensors=(), reopen: bool = True, dtype: str | None = None):
         """Send one request and return (header, tensors) of its reply; reopen the session if the server lost it."""
         for _ in range(3):
             try:
-                return self._request(header, tensors)
+                return self._request(header, tensors, dtype)
             except TrunkError as e:
                 if e.code != P.UNKNOWN_SESSION or not reopen or self._hello is None:
                     raise

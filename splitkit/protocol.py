@@ -12,9 +12,9 @@ VERSION = wire.PROTOCOL
 
 # ops: what a request asks for
 HELLO, FORWARD, BACKWARD, STEP = "hello", "forward", "backward", "step"
-LORA_STATE, STATS, BYE = "lora_state", "stats", "bye"
+LORA_STATE, LOAD_LORA, STATS, BYE = "lora_state", "load_lora", "stats", "bye"
 INFER, RELEASE = "infer", "release"  # generation: the Trunk with a KV cache kept per generation, and its end
-OPS = (HELLO, FORWARD, BACKWARD, STEP, LORA_STATE, STATS, BYE, INFER, RELEASE)
+OPS = (HELLO, FORWARD, BACKWARD, STEP, LORA_STATE, LOAD_LORA, STATS, BYE, INFER, RELEASE)
 
 # modes: what a session trains. "local" is the unsplit model and needs no server.
 DETACH = "detach"          # the simplified version: h1.detach() goes out, no backward crosses the wire
@@ -171,9 +171,10 @@ def lora_spec(obj) -> LoraSpec:
 
 
 def lora_state(names, tensors: list, params: dict) -> list:
-    """[(parameter, tensor)] for a LoRA state sent with hello: the same names as `params`, shapes, finite."""
+    """[(parameter, tensor)] for a LoRA state sent with hello or load_lora: the same names as `params`, shapes,
+    finite."""
     if not isinstance(names, list) or sorted(map(str, names)) != sorted(params) or len(names) != len(tensors):
-        raise Refused("the LoRA state sent with hello does not match this trunk's LoRA layers")
+        raise Refused("the LoRA state sent does not match this trunk's LoRA layers")
     for n, t in zip(names, tensors, strict=True):
         if t.shape != params[n].shape:
             raise Refused(f"LoRA tensor {n} has shape {list(t.shape)}, expected {list(params[n].shape)}")

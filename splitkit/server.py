@@ -11,6 +11,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 
 import torch
 import zmq
@@ -51,6 +52,7 @@ class TrunkServer:
         self.sessions = Sessions(trunk, model.config, self.limits)
         self.bind, self.curve_dir, self.address = bind, curve_dir, None
         self.counters = dict(requests=0, errors=0, bytes_in=0, bytes_out=0, dropped=0, recomputed=0)
+        self.answered, self.refused = Counter(), Counter()  # op -> requests answered ok; code -> refusals
         self._random = random.Random(self.faults.seed)
         self._stop, self._ready = threading.Event(), threading.Event()
         self._thread, self._error, self._started = None, None, time.monotonic()
@@ -126,6 +128,7 @@ class TrunkServer:
             log.exception("internal error on %r", header.get("op"))
             code, message = P.INTERNAL, f"internal error: {type(e).__name__}: {e}"
         self.counters["errors"] += 1
+        self.refused[code] += 1
         log.info("refused %s: %s", header.get("op", "?"), message)
         return wire.encode(P.error(header, code, message))  # not kept: a corrected request may reuse the id
 
@@ -134,6 +137,7 @@ class TrunkServer:
         if op not in P.OPS:
             raise Refused(f"unknown op {op!r}; this server knows {', '.join(P.OPS)}")
         if op == P.STATS:
+            self.answered[op] += 1
             return wire.encode(P.ok(header, **self.stats()))
         sid, rid = P.session_id(header), P.request_id(header)
         session = self.sessions.get(sid)
@@ -149,6 +153,8 @@ class TrunkServer:
             raise Refused(f"request {rid} is older than {session.last_id}, already answered", P.STALE)
         reply = getattr(self, f"_{op}")(session, header, tensors)
         session.last_id, session.last_reply = rid, reply
+        session.requests += 1
+        self.answered[op] += 1
         return reply
 
     def _open(self, sid: str, header: dict, tensors: list) -> Session:
@@ -233,6 +239,12 @@ class TrunkServer:
         names, values = zip(*self.sessions.lora_parameters(session), strict=True)
         return wire.encode(P.ok(header, names=list(names)), values)
 
+    def _load_lora(self, session: Session, header: dict, tensors: list) -> list:
+        if session.mode != P.FULL_TRUNK:
+            raise Refused("only a full+trunk session has a trunk LoRA")
+        self.sessions.load(session, header.get("names"), [t.to(self.device, torch.float32) for t in tensors])
+        return wire.encode(P.ok(header, steps=session.steps))
+
     def _bye(self, session: Session, header: dict, tensors: list) -> list:
         self.sessions.close(session)
         return wire.encode(P.ok(header))
@@ -248,10 +260,26 @@ class TrunkServer:
             return State(h1, self.sessions.run(session, h1, pad))  # h2 = Trunk(h1), graph kept
 
     def stats(self) -> dict:
+        """What the server holds and has done: the counters, memory, and a line per open session."""
+        now, table = time.monotonic(), self.sessions.table.values()
         return {**self.identity, "sessions": len(self.sessions), "states": self.sessions.states(),
-                "generations": self.sessions.generations(), "cached_tokens": self.sessions.cached_tokens(),
-                "cache_bytes": self.sessions.cache_bytes(), "uptime_s": round(time.monotonic() - self._started, 1),
-                **self.counters}
+                "state_bytes": self.sessions.state_bytes(), "generations": self.sessions.generations(),
+                "cached_tokens": self.sessions.cached_tokens(), "cache_bytes": self.sessions.cache_bytes(),
+                "rss_bytes": _rss_bytes(), "uptime_s": round(now - self._started, 1), **self.counters,
+                "answered": dict(self.answered), "refused": dict(self.refused),
+                "modes": dict(Counter(s.mode for s in table)),
+                "session_list": [dict(id=s.id[:6], mode=s.mode, requests=s.requests, trunk_steps=s.steps,
+                                      states=len(s.states), generations=len(s.generations),
+                                      idle_s=round(now - s.seen, 1)) for s in table]}
+
+
+def _rss_bytes() -> int | None:
+    """Resident memory of this process (Linux's /proc); None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _came_in(header: dict) -> str:

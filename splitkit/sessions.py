@@ -76,6 +76,7 @@ class Session:
     last_reply: list | None = None  # ...and its reply, sent again if the request comes again
     seen: float = field(default_factory=time.monotonic)
     steps: int = 0  # optimizer steps applied to the Trunk LoRA
+    requests: int = 0  # requests answered
 
     @property
     def adapter(self) -> str:
@@ -143,6 +144,10 @@ class Sessions:
 
     def states(self) -> int:
         return sum(len(s.states) for s in self.table.values())
+
+    def state_bytes(self) -> int:
+        """Bytes of h1 and h2 held in forward states (their graphs hold about as much again per block)."""
+        return sum(st.h1.nbytes + st.h2.nbytes for s in self.table.values() for st in s.states.values())
 
     def sweep(self):
         """Close idle sessions, drop forward states that waited too long for their backward and idle KV caches."""
@@ -246,13 +251,17 @@ class Sessions:
                 add_adapter(self.peft, session.lora, self.config, session.adapter)
         except ValueError as e:
             raise Refused(f"cannot put LoRA on the trunk: {e}") from None
+        try:
+            self.load(session, names, tensors)
+        except Refused:
+            self._drop_adapter(session.adapter)
+            raise
+
+    def load(self, session: Session, names, tensors):
+        """Put `tensors` (a whole Trunk LoRA, or none) into the session's adapter; its optimizer starts afresh."""
         params = self.lora_parameters(session)
-        if tensors:  # the client's copy of its Trunk LoRA, after a server restart
-            try:
-                pairs = lora_state(names, list(tensors), dict(params))
-            except Refused:
-                self._drop_adapter(session.adapter)
-                raise
+        if tensors:  # the client's copy after a server restart, or a federated round's average
+            pairs = lora_state(names, list(tensors), dict(params))
             with torch.no_grad():
                 for param, t in pairs:
                     param.copy_(t)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .client import RemoteTrunk, TrunkClient
-from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, unsplit_reference
+from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
 from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
 from .split import check_cuts, split_model
 
@@ -41,29 +41,71 @@ class Learner:
     """
 
     def __init__(self, model, *, mode: str = FULL, cuts=(10, 20), address: str | None = None,
-                 lora: LoraSpec | None = None, lr: float = 1e-3, train_trunk: bool = True, **client_options):
+                 lora: LoraSpec | None = None, lr: float = 1e-3, train_trunk: bool = True, freeze_a: bool = False,
+                 **client_options):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != LOCAL and address is None:
             raise ValueError(f"mode {mode!r} needs the address of a trunk server")
+        if freeze_a and mode == FULL_TRUNK:
+            raise ValueError("freeze_a freezes the client's lora_A; the server trains the Trunk's: use mode 'full'")
         self.mode, self.cuts, self.lora = mode, check_cuts(cuts, model.config.num_hidden_layers), lora or LoraSpec()
         self.model = self.bottom = self.top = self.trunk = self.client = None
-        self.config = model.config
+        self.config, self.lr = model.config, lr
         model = copy.deepcopy(model)
         if mode == LOCAL:
             self.model = unsplit_reference(model, self.cuts, self.lora, train_trunk)  # the unsplit PeftModel
-            self.optimizers = [_adamw(self.model, lr)]
+        else:
+            bottom, _, top = split_model(model, self.cuts)
+            self.bottom, self.top = add_lora(bottom, self.lora, model.config), add_lora(top, self.lora, model.config)
+        if freeze_a:  # FFA-LoRA: only B trains, so averaging B averages B·A exactly
+            for name, weight in self._lora_parameters():
+                weight.requires_grad_(not name.endswith(".lora_A"))
+        self._new_optimizers()
+        if mode == LOCAL:
             return
-        bottom, _, top = split_model(model, self.cuts)
-        self.bottom, self.top = add_lora(bottom, self.lora, model.config), add_lora(top, self.lora, model.config)
-        # the simplified version's two client optimizers; None for a part with no blocks to train
-        self.optimizer_bottom, self.optimizer_top = _adamw(self.bottom, lr), _adamw(self.top, lr)
-        self.optimizers = [self.optimizer_bottom, self.optimizer_top]
         self.client = TrunkClient(address, **client_options)
         trains_trunk = mode == FULL_TRUNK
         self.client.hello(model, self.cuts, mode=mode, lora=self.lora if trains_trunk else None,
                           lr=lr if trains_trunk else None)
         self.trunk = RemoteTrunk(self.client, train_trunk=trains_trunk)
+
+    def _new_optimizers(self):
+        if self.mode == LOCAL:
+            self.optimizers = [_adamw(self.model, self.lr)]
+            return
+        # the simplified version's two client optimizers; None for a part with no blocks to train
+        self.optimizer_bottom, self.optimizer_top = _adamw(self.bottom, self.lr), _adamw(self.top, self.lr)
+        self.optimizers = [self.optimizer_bottom, self.optimizer_top]
+
+    def _lora_parameters(self) -> list:
+        """[(name, weight)] of the client's LoRA (the whole model's in local), named as lora.lora_parameters."""
+        if self.mode == LOCAL:
+            return list(lora_parameters(self.model))
+        return [*lora_parameters(self.bottom), *lora_parameters(self.top)]
+
+    def lora_state(self) -> dict:
+        """{name: tensor} of every LoRA matrix this run trains: the client's, and in full+trunk the Trunk's from
+        the server. Names carry the block index, so the parts never clash."""
+        state = {name: w.detach().clone() for name, w in self._lora_parameters()}
+        if self.mode == FULL_TRUNK:
+            state.update(self.client.trunk_lora())
+        return state
+
+    def load_lora(self, state: dict):
+        """Set every LoRA matrix from {name: tensor} (as lora_state gives it), the Trunk's on the server in
+        full+trunk; every optimizer, the server's included, starts afresh."""
+        own = dict(self._lora_parameters())
+        trunk = {name: t for name, t in state.items() if name not in own}
+        if own.keys() - state.keys() or (trunk and self.mode != FULL_TRUNK):
+            raise ValueError(f"the LoRA state does not fit this {self.mode} run: it lacks "
+                             f"{sorted(own.keys() - state.keys())[:3]} or has {sorted(trunk)[:3]} too")
+        with torch.no_grad():
+            for name, weight in own.items():
+                weight.copy_(state[name])
+        if self.mode == FULL_TRUNK:
+            self.client.load_lora(trunk)
+        self._new_optimizers()
 
     def zero_grad(self):
         for opt in filter(None, self.optimizers):
