@@ -67,11 +67,12 @@ class TrunkClient:
     def hello(self, model, cuts, mode: str = P.DETACH, lora=None, lr: float | None = None) -> dict:
         """The handshake: open this client's session for `model` split at `cuts`; refused, with what
         differs, if the model is not the server's (compared by fingerprint, not by name)."""
-        self._hello = {"op": P.HELLO, "model": model.config.name_or_path, "cuts": list(cuts),
-                       "hidden_size": model.config.hidden_size, "fingerprint": fingerprint(model, cuts),
-                       "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr,
-                       "wire_dtype": self.wire_dtype}
-        header, _ = self._call(dict(self._hello), reopen=False)
+        hello = {"op": P.HELLO, "model": model.config.name_or_path, "cuts": list(cuts),
+                 "hidden_size": model.config.hidden_size, "fingerprint": fingerprint(model, cuts),
+                 "mode": mode, "lora": None if lora is None else lora.to_json(), "lr": lr,
+                 "wire_dtype": self.wire_dtype}
+        header, _ = self._call(dict(hello), reopen=False)
+        self._hello = hello  # a refused hello opens no session: nothing to say bye to, or to reopen
         return header
 
     def forward(self, h1: torch.Tensor, key: int | None = None, pad: list | None = None) -> torch.Tensor:

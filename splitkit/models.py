@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config, LlamaConfig
 
 from .split import family, split_model
@@ -91,19 +92,23 @@ def fingerprint(model, cuts) -> dict:
 
 def _load_pretrained(name: str):
     """A local folder, or a hub id from the local Hugging Face cache only."""
-    local = Path(name).is_dir()
+    folder = name
+    if not Path(name).is_dir():  # a hub id: its snapshot folder in the cache, looked up without the network
+        try:
+            folder = snapshot_download(name, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelUnavailable(
+                f"{name} is not in this machine's Hugging Face cache, and splitkit never downloads at run time. "
+                f"On a machine with network access run `hf download {name}` (or `huggingface-cli download "
+                f"{name}`) and copy its cache folder here, or save the model with save_pretrained into a folder "
+                f"and pass the folder.") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except OSError as e:
-        if local:
-            raise ModelUnavailable(f"{name} holds no model that transformers can read ({e})") from e
-        raise ModelUnavailable(
-            f"{name} is not in this machine's Hugging Face cache, and splitkit never downloads at run time. "
-            f"On a machine with network access run `hf download {name}` (or `huggingface-cli download {name}`) "
-            f"and copy its cache folder here, or save the model with save_pretrained into a folder and pass "
-            f"the folder.") from e
+        raise ModelUnavailable(f"{name} holds no model that transformers can read ({e})") from e
+    model.config.name_or_path = name
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelUnavailable(f"{name} has a model but no tokenizer: save one there with "
                                f"tokenizer.save_pretrained(...)") from e

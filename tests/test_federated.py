@@ -62,7 +62,8 @@ def test_averaging_the_products_is_exact_when_their_sum_fits_the_rank():
     assert torch.allclose(product["0.q.lora_B"] @ product["0.q.lora_A"], mean, atol=1e-6)
     assert F.product_gap(clients, weights, product) < 1e-6
     ab = {n: (clients[0][n] * 1 + clients[1][n] * 3) / 4 for n in clients[0]}
-    assert F.product_gap(clients, weights, ab) == pytest.approx(0.3, abs=1e-6)  # A and B averaged apart: -7/8 ba, not -5/4 ba
+    # A and B averaged apart: their product is -7/8 b·a, the mean product -5/4 b·a
+    assert F.product_gap(clients, weights, ab) == pytest.approx(0.3, abs=1e-6)
 
 
 def test_a_frozen_a_makes_the_average_of_b_the_average_of_the_product(tiny_llama, serve):

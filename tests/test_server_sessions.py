@@ -69,34 +69,54 @@ def test_a_full_server_refuses_one_more_session_as_busy(llama, serve, client):
     assert e.value.code == P.BUSY
 
 
-def test_eight_concurrent_clients_get_their_own_gradients(llama, serve, spec):
-    address = serve(llama, CUTS)
-    sessions = serve.servers[-1].sessions
-    batches = [random_batch(259, seed=i) for i in range(8)]
+CLASS = 30  # students on one server
 
-    def grads(batch):
-        with Learner(llama, mode=P.FULL_TRUNK, cuts=CUTS, address=address, lora=spec, lr=1e-2) as learner:
-            learner.forward_backward(batch)
-            trunk = sessions.lora_grads(learner.client.session)
-            learner.client.step()
-            return {**learner.lora_grads(), **{f"trunk.{k}": v for k, v in trunk.items()}}
 
-    alone = [grads(b) for b in batches]
-    together = [None] * 8
-    barrier = threading.Barrier(8)
+@pytest.mark.parametrize("mode", [P.FULL, P.FULL_TRUNK])
+def test_thirty_concurrent_clients_train_bit_for_bit_as_alone_in_bounded_memory(llama, serve, client, spec, mode):
+    limits = Limits(states_per_session=1, states_total=8, max_sessions=CLASS)
+    address = serve(llama, CUTS, limits=limits)
 
-    def run(i):
+    def train(i):  # three steps of student i's own batches: its losses and its LoRA, the Trunk's included
+        with Learner(llama, mode=mode, cuts=CUTS, address=address, lora=spec, lr=1e-2) as learner:
+            losses = [learner.step(random_batch(259, seed=100 * i + s)) for s in range(3)]
+            return losses, learner.lora_state()
+
+    alone = [train(i) for i in range(CLASS)]
+    together, peak = [None] * CLASS, dict(sessions=0, states=0, state_bytes=0)
+    barrier, done = threading.Barrier(CLASS), threading.Event()
+
+    def student(i):
         barrier.wait()
-        together[i] = grads(batches[i])
+        together[i] = train(i)
 
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(8)]
+    def watch():  # the server's own numbers, asked over the socket while the class trains
+        probe = client(address, timeout=5)
+        while not done.is_set():
+            stats = probe.stats()
+            for k in peak:
+                peak[k] = max(peak[k], stats[k])
+            time.sleep(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    threads = [threading.Thread(target=student, args=(i,)) for i in range(CLASS)]
     for t in threads:
         t.start()
     for t in threads:
-        t.join(120)
-    for a, b in zip(alone, together, strict=True):
-        assert b is not None and a.keys() == b.keys()
-        assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+        t.join(300)
+    done.set()
+    watcher.join(10)
+    for (losses, lora), result in zip(alone, together, strict=True):
+        assert result is not None
+        assert result[0] == losses  # the same floats, bit for bit
+        assert lora.keys() == result[1].keys() and all(torch.equal(lora[k], result[1][k]) for k in lora)
+    assert 1 < peak["sessions"] <= CLASS and peak["states"] <= limits.states_total
+    state_bytes = 2 * 2 * 12 * D * 4  # h1 and h2 of one (2, 12) batch in float32
+    assert peak["state_bytes"] <= limits.states_total * state_bytes
+    final = client(address, timeout=5).stats()
+    assert final["sessions"] == 0 and final["states"] == 0
+    assert final["errors"] == final["refused"].get("state_missing", 0)  # evicted states were sent again, no other
 
 
 def test_curve_keys_let_in_the_key_holder(llama, tmp_path, serve, client):
