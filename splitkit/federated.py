@@ -17,6 +17,8 @@ With freeze_a (FFA-LoRA) no client changes A, so averaging B averages B·A exact
 """
 
 import copy
+import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 
@@ -27,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
 from . import data
-from .generation import exact_match
+from .generation import exact_match, is_exact
 from .lora import LoraSpec, lora_parameters, unsplit_reference
 from .models import SMOLLM2, load_model
 from .protocol import FULL_TRUNK
@@ -95,14 +97,15 @@ def learner(model, config: dict) -> Learner:
                    lora=lora_spec(config), lr=float(config["lr"]), freeze_a=bool(config["freeze-a"]))
 
 
-def local_training(model, tokenizer, config: dict, state: dict, pairs: list, server_round: int, partition: int):
-    """One client's round: load the global LoRA, train on its own pairs; (its LoRA, its losses)."""
-    with learner(model, config) as run:
-        run.load_lora(state)
-        batches = data.batches(tokenizer, pairs, batch_size=min(int(config["batch-size"]), len(pairs)),
-                               seed=1000 * int(config["seed"]) + 100 * server_round + partition)
-        losses = [run.step(next(batches)) for _ in range(int(config["local-steps"]))]
-        return run.lora_state(), losses
+def local_training(run: Learner, tokenizer, config: dict, state: dict, pairs: list, server_round: int,
+                   partition: int):
+    """One client's round on an open Learner: load the global LoRA (every optimizer starts afresh), train
+    `local-steps` steps on its own pairs; return its LoRA and its losses."""
+    run.load_lora(state)
+    batches = data.batches(tokenizer, pairs, batch_size=min(int(config["batch-size"]), len(pairs)),
+                           seed=1000 * int(config["seed"]) + 100 * server_round + partition)
+    losses = [run.step(next(batches)) for _ in range(int(config["local-steps"]))]
+    return run.lora_state(), losses
 
 
 # ---------------------------------------------------------------------------------------------- the ClientApp
@@ -116,8 +119,9 @@ def _train(msg: Message, context: Context) -> Message:
     partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     model, tokenizer = _model(config["model"])
     pairs = shard(task(int(config["facts"])), partition, partitions)
-    state, losses = local_training(model, tokenizer, config, msg.content["arrays"].to_torch_state_dict(), pairs,
-                                   int(config["server-round"]), partition)
+    with learner(model, config) as run:
+        state, losses = local_training(run, tokenizer, config, msg.content["arrays"].to_torch_state_dict(), pairs,
+                                       int(config["server-round"]), partition)
     metrics = MetricRecord({"num-examples": len(pairs), "partition-id": partition,
                             "loss-first": losses[0], "loss-last": losses[-1]})
     return Message(RecordDict({"arrays": ArrayRecord(state), "metrics": metrics}), reply_to=msg)
@@ -223,27 +227,41 @@ def _flat(settings: dict) -> dict:
     return {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool | list)}
 
 
-def run(config: dict, clients: int, strategy: SplitFedAvg | None = None, evaluate=None, cpus_per_client: float = 1):
+def run(config: dict, clients: int, strategy: SplitFedAvg | None = None, evaluate=None, cpus_per_client: float = 1,
+        quiet: bool = True):
     """Flower's simulation engine: `clients` virtual clients on this machine, each a ClientApp of its own shard.
-    Returns {"strategy": ..., "result": ...}."""
+    Returns {"strategy": ..., "result": ...}. `quiet` keeps Flower's and the clients' logs out of the way."""
     from flwr.simulation import run_simulation
 
-    out = {}
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        run_simulation(server_app({**config, "clients": clients}, strategy, evaluate, out), client_app,
-                       num_supernodes=clients,
-                       backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0}})
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # no GPU to hide; Ray's notice says so
+    out, flower = {}, logging.getLogger("flwr")
+    level = flower.level
+    if quiet:  # Flower logs every round, and that run_simulation is deprecated in favour of `flwr run`
+        flower.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+            run_simulation(server_app({**config, "clients": clients}, strategy, evaluate, out), client_app,
+                           num_supernodes=clients,
+                           backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                                           "init_args": {"log_to_driver": not quiet}})
+    finally:
+        flower.setLevel(level)
     if "result" not in out:
         raise RuntimeError("the Flower simulation ended without a result (see its log above)")
     return out
 
 
-def score(model, tokenizer, config: dict, state: dict, pairs: list) -> dict:
-    """Loss and exact match of the LoRA `state` on `pairs` (a Learner of this run, on the trunk server)."""
-    with learner(model, config) as run, torch.no_grad():
-        run.load_lora(state)
-        batch = data.encode(tokenizer, pairs)
-        loss = float(criterion(run.logits(batch["input_ids"]), batch["labels"]))
-        hits, _ = exact_match(run, tokenizer, pairs)
-    return {"loss": loss, "exact-match": hits}
+def evaluate(run: Learner, tokenizer, state: dict, pairs: list, answers: bool = True) -> dict:
+    """Per pair, with the LoRA `state` loaded into the open Learner `run`: "loss", the cross-entropy of its answer
+    tokens, and "exact", whether its greedy answer is the expected one (None without `answers`)."""
+    run.load_lora(state)
+    batch = data.encode(tokenizer, pairs)
+    with torch.no_grad():
+        logits = run.logits(batch["input_ids"])  # (B, T, vocab)
+    losses = [float(criterion(logits[i:i + 1], batch["labels"][i:i + 1])) for i in range(len(pairs))]
+    exact = None
+    if answers:
+        _, said = exact_match(run, tokenizer, pairs)
+        exact = [is_exact(a, want) for a, (_, want) in zip(said, pairs, strict=True)]
+    return {"loss": losses, "exact": exact}

@@ -68,8 +68,13 @@ def generate(learner, tokenizer, prompts, max_new_tokens: int = 32, **options) -
 def exact_match(learner, tokenizer, pairs, max_new_tokens: int = 4) -> tuple[float, list[str]]:
     """Fraction of prompts whose greedy answer (first line) equals the expected one; and the answers."""
     answers = generate(learner, tokenizer, [p for p, _ in pairs], max_new_tokens)
-    hits = [a.strip().split("\n")[0] == want.strip() for a, (_, want) in zip(answers, pairs, strict=True)]
+    hits = [is_exact(a, want) for a, (_, want) in zip(answers, pairs, strict=True)]
     return sum(hits) / len(pairs), answers
+
+
+def is_exact(answer: str, want: str) -> bool:
+    """Whether a generated answer's first line is the expected answer (spaces around either do not count)."""
+    return answer.strip().split("\n")[0] == want.strip()
 
 
 class _Run:

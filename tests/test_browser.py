@@ -5,22 +5,25 @@ starts it, driven by Playwright in Debian's headless Chromium (see browser_harne
   each time the table must show the numbers `explore` gives for the new cuts, the plot must be
   redrawn, and no cell may show an error.
 - The same with the slider's callback broken on purpose: the check above must catch it.
-- 04_training: Run All from cleared outputs; the loss plot and the LoRA-change plot appear as images.
+- 08_teachers_view: Run All from cleared outputs; while the class of the notebook trains, the live view's
+  numbers of requests and training steps move, and the plot appears as a PNG image.
 
 Screenshots of each state go to screenshots/ (not in git).
 """
 
 import base64
 import re
+import time
 
 import pytest
 
 from .browser_harness import (
     ERROR_TEXTS,
-    SHOTS,
+    PROMPTS,
     assert_no_errors,
     chromium,
     error_texts,
+    menu,
     missing_chromium,
     run_all_from_cleared_outputs,
     running_lab,
@@ -102,21 +105,36 @@ def test_a_broken_slider_callback_is_caught(lab, browser, smollm2_explore):
         shot(page, "05_explorer_broken_caught")
 
 
-def test_training_plots_in_the_browser(lab, browser):
-    with lab.open(browser, "04_training.ipynb", "04_training") as page:
-        run_all_from_cleared_outputs(page, timeout_s=900)
+def test_the_teachers_view_moves_while_the_class_trains(lab, browser):
+    with lab.open(browser, "08_teachers_view.ipynb", "08_teachers_view") as page:
+        menu(page, "Edit", "Clear Outputs of All Cells")
+        menu(page, "Run", "Run All Cells")
+        live = page.locator(".jp-OutputArea-output .widget-html .splitkit-view")
+        live.wait_for(timeout=120_000)
+        live.scroll_into_view_if_needed()
+        seen, deadline = [], time.monotonic() + 600
+        while not page.evaluate(f"() => {PROMPTS}.every(p => /\\[\\d+\\]/.test(p))"):
+            assert time.monotonic() < deadline, f"the notebook did not finish within 600 s; the view showed {seen[-3:]}"
+            shown = live.evaluate("v => ['requests', 'steps', 'sessions'].map(k => v.querySelector('.sk-' + k)"
+                                  "?.textContent ?? '')")
+            if all(shown):  # else the widget was being redrawn just then
+                seen.append(dict(zip(("requests", "steps", "sessions"), shown, strict=True)))
+            if len(seen) == 8:
+                shot(page, "08_teachers_view_while_training", live)
+            page.wait_for_timeout(500)
         assert_no_errors(page)
-        for name, source in [("loss", "plot_losses(["), ("lora_change", "plot_lora_changes([")]:
-            cell = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text=source))
-            assert cell.count() == 1, f"no single cell calls {source!r}"
-            image = cell.locator(".jp-OutputArea-output img")
-            assert image.count() == 1, f"the {name} cell shows {image.count()} images"
-            image.scroll_into_view_if_needed()
-            width, height, src = image.evaluate("i => [i.naturalWidth, i.naturalHeight, i.src.slice(0, 22)]")
-            assert src == "data:image/png;base64,", f"the {name} plot is not a PNG image: {src!r}"
-            assert width > 300 and height > 150, f"the {name} plot is {width}x{height} pixels"
-            cell.screenshot(path=SHOTS / f"04_training_{name}_plot.png")
-        shot(page, "04_training_after_run_all")
+        requests = [int(s["requests"]) for s in seen]
+        steps = [int(s["steps"]) for s in seen]
+        assert len(set(requests)) >= 5 and requests == sorted(requests), f"requests shown: {requests}"
+        assert steps[0] == 0 and steps[-1] == 16 and len(set(steps)) >= 3, f"steps shown: {steps}"
+        assert max(int(s["sessions"]) for s in seen) >= 2, seen
+        plot = page.locator(".jp-CodeCell").filter(has=page.locator(".jp-InputArea", has_text="ax.step(")) \
+            .locator(".jp-OutputArea-output img")
+        assert plot.count() == 1
+        plot.scroll_into_view_if_needed()
+        width, src = plot.evaluate("i => [i.naturalWidth, i.src.slice(0, 22)]")
+        assert src == "data:image/png;base64," and width > 300, (src, width)
+        shot(page, "08_teachers_view_after_run_all")
 
 
 # ---------------------------------------------------------------------- the split-point explorer
