@@ -28,6 +28,9 @@ def parse_args(argv=None):
     p.add_argument("--keep-states", type=int, default=Limits.states_per_session, metavar="N",
                    help="forward states each session keeps for its backward (default: %(default)s); "
                         "0 sends every backward through the stateless fallback, which recomputes the forward")
+    p.add_argument("--max-sessions", type=int, default=Limits.max_sessions, metavar="N",
+                   help="open sessions at most, one per client (default: %(default)s); one more hello is refused "
+                        "as busy")
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
                    help="e.g. drop=0.1,delay=0.2,delay_s=2,crash_after=50 (for showing recovery)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -40,8 +43,9 @@ def main(argv=None) -> int:
     try:
         faults = Faults.parse(args.simulate_faults)
         model, _ = load_model(args.model)
+        limits = Limits(states_per_session=args.keep_states, max_sessions=args.max_sessions)
         server = TrunkServer(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
-                             insecure=args.insecure, faults=faults, limits=Limits(states_per_session=args.keep_states))
+                             insecure=args.insecure, faults=faults, limits=limits)
         del model
         server.serve_forever()
     except (ValueError, TypeError, RuntimeError) as e:

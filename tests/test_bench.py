@@ -31,6 +31,14 @@ def test_step_bench_times_every_variant_and_they_agree(tmp_path):
     assert re.search(r"The fallback server recomputed [1-9]\d* forwards; the stateful one 0", text)
 
 
+def test_classroom_bench_trains_each_class_and_client_0_is_the_same_in_each(tmp_path):
+    rows = table(run("classroom.py", "--model", "tiny-llama", "--cuts", "2", "4", "--clients", "1", "3", "--steps",
+                     "2", out=tmp_path))
+    assert [(r[0], r[1]) for r in rows] == [("full", "1"), ("full", "3"), ("full+trunk", "1"), ("full+trunk", "3")]
+    assert all(float(r[2]) > 0 and float(r[4]) <= float(r[5]) for r in rows)
+    assert [r[7] for r in rows] == ["yes"] * 4
+
+
 def test_wire_bench_compares_with_pickle_and_bare_bytes(tmp_path):
     rows = table(run("wire.py", "--shapes", "2x8x64", "--rounds", "2", out=tmp_path))
     assert rows[0][0] == "2×8×64" and all(float(x) > 0 for x in rows[0][2:5])
