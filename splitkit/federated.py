@@ -199,8 +199,8 @@ def product_gap(clients: dict, weights: dict, average: dict) -> float:
     return (num / den) ** 0.5 if den else 0.0
 
 
-def server_app(config: dict | None = None, strategy: SplitFedAvg | None = None, evaluate=None,
-               out: dict | None = None) -> ServerApp:
+def make_server_app(config: dict | None = None, strategy: SplitFedAvg | None = None, evaluate=None,
+                    out: dict | None = None) -> ServerApp:
     """A ServerApp that runs the rounds: `config` over the run's own config over DEFAULTS; the strategy (and the
     Result) land in `out` if given; `evaluate(round, {name: tensor}) -> dict` scores each round's average."""
     app = ServerApp()
@@ -222,6 +222,9 @@ def server_app(config: dict | None = None, strategy: SplitFedAvg | None = None, 
     return app
 
 
+server_app = make_server_app()  # what `flwr run` loads: the run's settings come from its config (see the README)
+
+
 def _flat(settings: dict) -> dict:
     """The settings a ConfigRecord can carry (it takes numbers, strings, booleans and lists of them)."""
     return {k: v for k, v in settings.items() if isinstance(v, int | float | str | bool | list)}
@@ -241,7 +244,7 @@ def run(config: dict, clients: int, strategy: SplitFedAvg | None = None, evaluat
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=DeprecationWarning)
-            run_simulation(server_app({**config, "clients": clients}, strategy, evaluate, out), client_app,
+            run_simulation(make_server_app({**config, "clients": clients}, strategy, evaluate, out), client_app,
                            num_supernodes=clients,
                            backend_config={"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                                            "init_args": {"log_to_driver": not quiet}})

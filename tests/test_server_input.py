@@ -167,6 +167,28 @@ def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, d
     assert not reply["ok"] and message in reply["error"] and server.sessions.get("b" * 32) is None
 
 
+@pytest.mark.parametrize("damage, message", [("nan", "contains NaN or infinity"), ("shape", "has shape"),
+                                             ("name", "does not match")])
+def test_a_bad_trunk_lora_sent_with_load_lora_is_refused_and_changes_nothing(llama, spec, damage, message):
+    server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
+             "hidden_size": llama.config.hidden_size, "fingerprint": fingerprint(llama, CUTS), "mode": P.FULL_TRUNK,
+             "lora": spec.to_json(), "lr": 1e-3}
+    assert json.loads(server.handle(encode(hello))[0])["ok"]
+    session = server.sessions.get("a" * 32)
+    names, before = zip(*((n, p.detach().clone()) for n, p in server.sessions.lora_parameters(session)), strict=True)
+    names, tensors = list(names), [t + 1 for t in before]
+    if damage == "name":
+        names[0] = "0.self_attn.q_proj.lora_A"  # a Bottom layer's name
+    else:
+        tensors[1] = tensors[1][:, :-1] if damage == "shape" else tensors[1].fill_(float("nan"))
+    reply = json.loads(server.handle(encode({"op": P.LOAD_LORA, "session": "a" * 32, "id": 1, "names": names},
+                                            tensors))[0])
+    assert not reply["ok"] and reply["code"] == P.BAD_REQUEST and message in reply["error"]
+    after = [p for _, p in server.sessions.lora_parameters(session)]
+    assert all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
+
+
 def test_a_hello_may_not_change_an_open_session(llama, serve, client):
     c = client(serve(llama, CUTS), timeout=5)
     hello(c, llama, mode=P.DETACH)
