@@ -87,7 +87,7 @@ def main(argv=None):
                 rows.append([mode, n, f"{r['backwards'] / r['wall']:.2f}", f"{r['requests'] / r['wall']:.1f}",
                              f"{1000 * r['step_median']:.0f}", f"{1000 * r['step_p90']:.0f}",
                              f"{r['wall']:.1f}", "yes" if r["losses0"] == alone else "NO",
-                             f"{r['peak_rss'] / 2 ** 20:.0f}"])
+                             f"{r['rss'] / 2 ** 20:.0f}"])
                 print(rows[-1], flush=True)
     b, t = args.size
     notes = f"""
