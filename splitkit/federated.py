@@ -37,7 +37,8 @@ from .train import Learner, criterion
 
 AVERAGING = ("ab", "product")
 
-# The run's settings, as Flower names them: a pyproject's [tool.flwr.app.config] or run_simulation(config=...).
+# The run's settings, as Flower names them: a pyproject's [tool.flwr.app.config] (flower/pyproject.toml), or
+# the config given to run(). The ServerApp sends them to every client with each round.
 DEFAULTS = {
     "address": "tcp://127.0.0.1:5555",  # the trunk server every client uses
     "model": SMOLLM2,
@@ -54,6 +55,14 @@ DEFAULTS = {
     "averaging": "ab",
     "facts": 32,                         # the task: this many facts (data.task), dealt out to the clients
 }
+
+
+def run_settings(given: dict) -> dict:
+    """`given` over DEFAULTS; cuts may come as "10,20" (or "10 20"): a pyproject's Flower config holds no lists."""
+    settings = {**DEFAULTS, **given}
+    if isinstance(settings["cuts"], str):
+        settings["cuts"] = [int(c) for c in settings["cuts"].replace(",", " ").split()]
+    return settings
 
 
 def task(n: int = 32) -> list[tuple[str, str]]:
@@ -207,7 +216,7 @@ def make_server_app(config: dict | None = None, strategy: SplitFedAvg | None = N
 
     @app.main()
     def main(grid: Grid, context: Context):
-        settings = {**DEFAULTS, **dict(context.run_config), **(config or {})}
+        settings = run_settings({**dict(context.run_config), **(config or {})})
         clients = int(settings.get("clients", 2))
         chosen = strategy or SplitFedAvg(settings["averaging"], min_train_nodes=clients, min_available_nodes=clients)
         model, _ = _model(settings["model"])

@@ -3,11 +3,12 @@ of what the clients sent, each client starts its round from that average, and th
 
 import pytest
 import torch
+from flwr.cli.config_utils import load_and_validate
 
 from splitkit import Learner, TrunkError, load_model
 from splitkit import federated as F
 from splitkit import protocol as P
-from splitkit.testing import max_rel_diff
+from splitkit.testing import ROOT, max_rel_diff
 
 CUTS = [2, 4]
 
@@ -51,6 +52,17 @@ def test_a_flower_simulation_averages_the_clients_lora_and_the_loss_falls(tiny_l
         before = F.evaluate(run, tokenizer, start, everything, answers=False)["loss"]
         after = F.evaluate(run, tokenizer, rounds[1].average, everything, answers=False)["loss"]
         assert sum(after) < sum(before)
+
+
+def test_the_settings_take_cuts_as_a_string_as_a_pyproject_gives_them():
+    assert F.run_settings({"cuts": "2,4"})["cuts"] == [2, 4] == F.run_settings({"cuts": "2 4"})["cuts"]
+    assert F.run_settings({})["cuts"] == F.DEFAULTS["cuts"]
+    # the Flower app of the README, as `flwr run` reads it: valid, and its components importable
+    flower = load_and_validate(ROOT / "flower" / "pyproject.toml", check_module=True)[0]["tool"]["flwr"]["app"]
+    assert flower["components"] == {"serverapp": "splitkit.federated:server_app",
+                                    "clientapp": "splitkit.federated:client_app"}
+    settings = F.run_settings(flower["config"])
+    assert settings.keys() == F.DEFAULTS.keys() | {"clients"} and settings["cuts"] == [10, 20]
 
 
 def test_averaging_the_products_is_exact_when_their_sum_fits_the_rank():
