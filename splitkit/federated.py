@@ -53,7 +53,8 @@ DEFAULTS = {
     "seed": 0,
     "freeze-a": False,
     "averaging": "ab",
-    "facts": 32,                         # the task: this many facts (data.task), dealt out to the clients
+    "facts": 32,                         # the task: this many facts (task()), dealt out to the clients
+    "curve-dir": "",                     # a folder with the trunk server's CURVE keys ("": none, loopback only)
 }
 
 
@@ -103,7 +104,8 @@ def _model(name: str):
 def learner(model, config: dict) -> Learner:
     """The Learner a client of this run uses: its mode, cuts, LoRA and trunk server."""
     return Learner(model, mode=config["mode"], cuts=tuple(config["cuts"]), address=config["address"],
-                   lora=lora_spec(config), lr=float(config["lr"]), freeze_a=bool(config["freeze-a"]))
+                   lora=lora_spec(config), lr=float(config["lr"]), freeze_a=bool(config["freeze-a"]),
+                   curve_dir=config.get("curve-dir") or None)
 
 
 def local_training(run: Learner, tokenizer, config: dict, state: dict, pairs: list, server_round: int,

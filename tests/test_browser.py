@@ -1,7 +1,8 @@
 """The notebooks in a real browser, the way a class uses them: JupyterLab started as `make lab`
 starts it, driven by Playwright in Debian's headless Chromium (see browser_harness.py).
 
-- 05_split_explorer: Run All, then move the split-point slider twice (a drag and a typed value);
+- 05_split_explorer (its set-up, default split and slider; nbval runs the rest): Run All, then move the
+  split-point slider twice (a drag and a typed value);
   each time the table must show the numbers `explore` gives for the new cuts, the plot must be
   redrawn, and no cell may show an error.
 - The same with the slider's callback broken on purpose: the check above must catch it.
@@ -84,7 +85,7 @@ def smollm2_explore():
 
 
 def test_split_explorer_in_the_browser(lab, browser, smollm2_explore):
-    with lab.open(browser, "05_split_explorer.ipynb", "05_explorer") as page:
+    with lab.open(browser, explorer_notebook(lab, "05_split_explorer_slider"), "05_explorer") as page:
         run_all_from_cleared_outputs(page, timeout_s=300)
         shot(page, "05_explorer_after_run_all")
         check_explorer(page, smollm2_explore, "05_explorer")
@@ -92,21 +93,26 @@ def test_split_explorer_in_the_browser(lab, browser, smollm2_explore):
 
 def test_a_broken_slider_callback_is_caught(lab, browser, smollm2_explore):
     """The check above fails when the callback raises only once the slider moves."""
-    import nbformat
-
-    path = lab.folder / "05_split_explorer_broken.ipynb"
-    notebook = nbformat.read(lab.folder / "05_split_explorer.ipynb", as_version=4)
-    # 05's set-up, the default split and the slider: the checks of the cells between are not needed here
-    keep = ("# setup:", "# what this does: the explorer's numbers", "# what this does: the slider")
-    notebook.cells = [c for c in notebook.cells if c.cell_type == "code" and c.source.startswith(keep)]
-    assert len(notebook.cells) == len(keep)
-    notebook.cells.append(nbformat.v4.new_code_cell(BREAK_THE_CALLBACK))
-    nbformat.write(notebook, path)
-    with lab.open(browser, path.name, "05_explorer_broken") as page:
+    with lab.open(browser, explorer_notebook(lab, "05_split_explorer_broken", BREAK_THE_CALLBACK),
+                  "05_explorer_broken") as page:
         run_all_from_cleared_outputs(page, timeout_s=300)
         with pytest.raises(AssertionError, match="the explorer callback is broken"):
             check_explorer(page, smollm2_explore, "05_explorer_broken", wait_s=30)
         shot(page, "05_explorer_broken_caught")
+
+
+def explorer_notebook(lab, name: str, extra: str | None = None) -> str:
+    """05's set-up, its default split and its slider (nbval runs the checks between), and `extra`, as NAME.ipynb."""
+    import nbformat
+
+    notebook = nbformat.read(lab.folder / "05_split_explorer.ipynb", as_version=4)
+    keep = ("# setup:", "# what this does: the explorer's numbers", "# what this does: the slider")
+    notebook.cells = [c for c in notebook.cells if c.cell_type == "code" and c.source.startswith(keep)]
+    assert len(notebook.cells) == len(keep)
+    if extra:
+        notebook.cells.append(nbformat.v4.new_code_cell(extra))
+    nbformat.write(notebook, lab.folder / f"{name}.ipynb")
+    return f"{name}.ipynb"
 
 
 def test_the_teachers_view_moves_while_the_class_trains(lab, browser):
