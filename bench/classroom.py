@@ -97,11 +97,11 @@ own on loopback, serving one request at a time, every client in the same run aga
 server's: backwards answered (one per client step) over the wall time from the common start to the last client's
 end; "requests / s" likewise. A client's step time includes waiting for the server while it serves the others.
 "client 0 = alone": client 0's losses in that run are bit for bit its losses when it trained alone (n = 1).
-"server MB": the server process's resident memory after the run.
+"server MiB": the server process's resident memory after the run (the same process for all of them).
 """
     write_table("classroom", "A class on one trunk server: throughput and step time by class size",
                 ["mode", "clients", "steps / s", "requests / s", "step ms, median", "step ms, p90", "wall s",
-                 "client 0 = alone", "server MB"], rows, notes, out=args.out and Path(args.out))
+                 "client 0 = alone", "server MiB"], rows, notes, out=args.out and Path(args.out))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import ipywidgets as widgets
 
 from .client import TrunkClient, TrunkError
 
-MB = 1 << 20
+MIB = 1 << 20
 
 
 def rates(before: dict, after: dict) -> dict:
@@ -42,22 +42,23 @@ class TeacherView:
         self.client = TrunkClient(address, **{"timeout": 5.0, "retries": 0, **client_options})
         self.samples: list[dict] = []
         self.widget = widgets.HTML()
-        self._stop = threading.Event()
+        self._stop, self._lock = threading.Event(), threading.Lock()  # one socket, asked from two threads
         self._thread = threading.Thread(target=self._poll, name="teacher-view", daemon=True)
         self.sample()
         self._thread.start()
 
     def sample(self) -> dict:
         """Ask the server once; show and keep the answer (with "t", when it came)."""
-        try:
-            stats = {**self.client.stats(), "t": time.monotonic()}
-        except TrunkError as e:
-            self.widget.value = f"<div class='splitkit-view'><b>no answer from {html.escape(self.address)}</b>: " \
-                                f"{html.escape(str(e))}</div>"
-            return {}
-        self.samples.append(stats)
-        self.widget.value = render(stats, rates(self.samples[-2], stats) if len(self.samples) > 1 else None)
-        return stats
+        with self._lock:
+            try:
+                stats = {**self.client.stats(), "t": time.monotonic()}
+            except TrunkError as e:
+                self.widget.value = (f"<div class='splitkit-view'><b>no answer from {html.escape(self.address)}</b>: "
+                                     f"{html.escape(str(e))}</div>")
+                return {}
+            self.samples.append(stats)
+            self.widget.value = render(stats, rates(self.samples[-2], stats) if len(self.samples) > 1 else None)
+            return stats
 
     def stop(self):
         self._stop.set()
@@ -80,20 +81,20 @@ def render(stats: dict, rate: dict | None) -> str:
     rss = stats.get("rss_bytes")
     now = [("sessions", "sessions", stats["sessions"]), ("modes", "by mode", modes),
            ("states", "forward states", stats["states"]),
-           ("state-mb", "their h1 and h2, MB", f"{stats['state_bytes'] / MB:.2f}"),
+           ("state-mb", "their h1 and h2, MiB", f"{stats['state_bytes'] / MIB:.2f}"),
            ("generations", "KV caches", stats["generations"]),
-           ("cache-mb", "their keys and values, MB", f"{stats['cache_bytes'] / MB:.2f}"),
-           ("rss-mb", "server process memory, MB", "?" if rss is None else f"{rss / MB:.0f}")]
+           ("cache-mb", "their keys and values, MiB", f"{stats['cache_bytes'] / MIB:.2f}"),
+           ("rss-mb", "server process memory, MiB", "?" if rss is None else f"{rss / MIB:.0f}")]
     totals = [("requests", "requests", stats["requests"]),
               ("steps", "training steps (backwards)", stats["answered"].get("backward", 0)),
-              ("mb-in", "MB in", f"{stats['bytes_in'] / MB:.2f}"),
-              ("mb-out", "MB out", f"{stats['bytes_out'] / MB:.2f}"),
+              ("mb-in", "MiB in", f"{stats['bytes_in'] / MIB:.2f}"),
+              ("mb-out", "MiB out", f"{stats['bytes_out'] / MIB:.2f}"),
               ("errors", "errors and refusals", stats["errors"]), ("refused", "by code", refused)]
     per_s = [] if rate is None else [
         ("requests-per-s", "requests / s", f"{rate['requests']:.1f}"),
         ("steps-per-s", "steps / s", f"{rate['steps']:.2f}"),
-        ("mb-in-per-s", "MB in / s", f"{rate['bytes_in'] / MB:.2f}"),
-        ("mb-out-per-s", "MB out / s", f"{rate['bytes_out'] / MB:.2f}"),
+        ("mb-in-per-s", "MiB in / s", f"{rate['bytes_in'] / MIB:.2f}"),
+        ("mb-out-per-s", "MiB out / s", f"{rate['bytes_out'] / MIB:.2f}"),
         ("refusals-per-s", "refusals / s", f"{rate['refusals']:.2f}")]
     columns = ("id", "mode", "requests", "trunk_steps", "states", "generations", "idle_s")
     lines = "".join("<tr class='sk-session'>" + "".join(f"<td {PAD}>{html.escape(str(s[c]))}</td>" for c in columns)
