@@ -6,6 +6,7 @@ twice) and, in full+trunk, its own LoRA adapter on the one shared Trunk, with it
 """
 
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 
@@ -270,8 +271,10 @@ class Sessions:
     def _drop_adapter(self, adapter: str):
         if list(self.peft.peft_config) == [adapter]:  # the last one: back to the plain Trunk
             self.trunk, self.peft = self.peft.unload(), None
-        else:
-            self.peft.delete_adapter(adapter)
+        else:  # PEFT warns when the adapter it deletes was the active one: here that is every time, and harmless
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*was active which is now deleted", category=UserWarning)
+                self.peft.delete_adapter(adapter)
 
 
 
