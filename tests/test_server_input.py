@@ -152,16 +152,22 @@ def test_an_error_reply_is_not_kept_so_a_corrected_request_may_reuse_its_id(llam
     assert good["ok"] and good["id"] == 50 and good["tensors"] == [{"dtype": "float32", "shape": [1, 2, D]}]
 
 
-@pytest.mark.parametrize("damage, message", [("nan", "contains NaN or infinity"), ("shape", "has shape")])
-def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, damage, message):
-    server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+def full_trunk_session(model, spec):
+    """A server (not serving: its handle() is called directly) with session "a"*32 open in full+trunk; its hello,
+    and the session's Trunk LoRA names and values."""
+    server = TrunkServer(model, CUTS, bind="tcp://127.0.0.1:*")
     hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
-             "hidden_size": llama.config.hidden_size, "fingerprint": fingerprint(llama, CUTS), "mode": P.FULL_TRUNK,
+             "hidden_size": model.config.hidden_size, "fingerprint": fingerprint(model, CUTS), "mode": P.FULL_TRUNK,
              "lora": spec.to_json(), "lr": 1e-3}
     assert json.loads(server.handle(encode(hello))[0])["ok"]
-    names, tensors = zip(*((n, p.detach().clone()) for n, p in server.sessions.lora_parameters(
+    names, values = zip(*((n, p.detach().clone()) for n, p in server.sessions.lora_parameters(
         server.sessions.get("a" * 32))), strict=True)
-    tensors = list(tensors)
+    return server, hello, list(names), list(values)
+
+
+@pytest.mark.parametrize("damage, message", [("nan", "contains NaN or infinity"), ("shape", "has shape")])
+def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, damage, message):
+    server, hello, names, tensors = full_trunk_session(llama, spec)
     tensors[1] = tensors[1][:, :-1] if damage == "shape" else tensors[1].fill_(float("nan"))
     reply = json.loads(server.handle(encode(dict(hello, session="b" * 32, names=list(names)), tensors))[0])
     assert not reply["ok"] and message in reply["error"] and server.sessions.get("b" * 32) is None
@@ -170,14 +176,9 @@ def test_a_bad_trunk_lora_sent_with_hello_is_refused_and_says_why(llama, spec, d
 @pytest.mark.parametrize("damage, message", [("nan", "contains NaN or infinity"), ("shape", "has shape"),
                                              ("name", "does not match")])
 def test_a_bad_trunk_lora_sent_with_load_lora_is_refused_and_changes_nothing(llama, spec, damage, message):
-    server = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
-    hello = {"op": P.HELLO, "session": "a" * 32, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
-             "hidden_size": llama.config.hidden_size, "fingerprint": fingerprint(llama, CUTS), "mode": P.FULL_TRUNK,
-             "lora": spec.to_json(), "lr": 1e-3}
-    assert json.loads(server.handle(encode(hello))[0])["ok"]
+    server, _, names, before = full_trunk_session(llama, spec)
     session = server.sessions.get("a" * 32)
-    names, before = zip(*((n, p.detach().clone()) for n, p in server.sessions.lora_parameters(session)), strict=True)
-    names, tensors = list(names), [t + 1 for t in before]
+    tensors = [t + 1 for t in before]
     if damage == "name":
         names[0] = "0.self_attn.q_proj.lora_A"  # a Bottom layer's name
     else:
