@@ -119,18 +119,19 @@ def test_the_teachers_view_moves_while_the_class_trains(lab, browser):
     with lab.open(browser, "08_teachers_view.ipynb", "08_teachers_view") as page:
         menu(page, "Edit", "Clear Outputs of All Cells")
         menu(page, "Run", "Run All Cells")
-        live = page.locator(".jp-OutputArea-output .widget-html .splitkit-view")
-        live.wait_for(timeout=120_000)
-        live.scroll_into_view_if_needed()
+        # the widget's container stays; the view inside it is drawn anew with every answer, so read it by a query
+        live = page.locator(".jp-OutputArea-output .widget-html").filter(has=page.locator(".splitkit-view"))
+        live.first.wait_for(timeout=120_000)
         seen, deadline = [], time.monotonic() + 600
         while not page.evaluate(f"() => {PROMPTS}.every(p => /\\[\\d+\\]/.test(p))"):
             assert time.monotonic() < deadline, f"the notebook did not finish within 600 s; the view showed {seen[-3:]}"
-            shown = live.evaluate("v => ['requests', 'steps', 'sessions'].map(k => v.querySelector('.sk-' + k)"
-                                  "?.textContent ?? '')")
+            shown = page.evaluate("() => { const v = document.querySelector('.jp-OutputArea-output .widget-html "
+                                  ".splitkit-view'); return ['requests', 'steps', 'sessions'].map(k => "
+                                  "v?.querySelector('.sk-' + k)?.textContent ?? ''); }")
             if all(shown):  # else the widget was being redrawn just then
                 seen.append(dict(zip(("requests", "steps", "sessions"), shown, strict=True)))
             if len(seen) == 8:
-                shot(page, "08_teachers_view_while_training", live)
+                shot(page, "08_teachers_view_while_training")
             page.wait_for_timeout(500)
         assert_no_errors(page)
         requests = [int(s["requests"]) for s in seen]
