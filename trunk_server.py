@@ -8,10 +8,30 @@ The server is splitkit.server.TrunkServer; this file is only its command line.
 import argparse
 import logging
 import sys
+from dataclasses import fields
 
 from splitkit.models import MODELS, SMOLLM2, load_model
 from splitkit.server import DEFAULT_BIND, Faults, TrunkServer
 from splitkit.sessions import Limits
+
+# Limits field -> (flag, metavar, what it bounds); the default shown in --help is the field's own
+LIMIT_FLAGS = {
+    "max_tokens": ("--max-tokens", "N", "batch x tokens in one request at most; a bigger one is refused"),
+    "states_per_session": ("--keep-states", "N", "forward states each session keeps for its backward; 0 sends "
+                                                 "every backward through the stateless fallback, which recomputes "
+                                                 "the forward"),
+    "states_total": ("--states-total", "N", "forward states kept over all sessions; past it the oldest is dropped"),
+    "state_max_age_s": ("--state-max-age", "S", "seconds a forward state waits for its backward before it is dropped"),
+    "max_sessions": ("--max-sessions", "N", "open sessions at most, one per client; one more hello is refused as busy"),
+    "session_idle_s": ("--session-idle", "S", "seconds without a request after which a session is closed"),
+    "generations_per_session": ("--keep-generations", "N", "KV caches (generations) each session keeps; past it its "
+                                                           "least recently used is dropped"),
+    "generations_total": ("--generations-total", "N", "KV caches over all sessions; 0 keeps none, and every generated "
+                                                      "token sends its whole prefix again"),
+    "cached_tokens": ("--cached-tokens", "N", "batch x positions over all KV caches; past it the least recently used "
+                                              "are dropped"),
+    "generation_idle_s": ("--generation-idle", "S", "seconds a KV cache may go unused before it is dropped"),
+}
 
 
 def parse_args(argv=None):
@@ -25,16 +45,21 @@ def parse_args(argv=None):
     p.add_argument("--curve-dir", help="folder made by `python -m splitkit keys DIR`: encrypt, and let in "
                                        "only the clients whose public keys are in DIR/authorized")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without keys")
-    p.add_argument("--keep-states", type=int, default=Limits.states_per_session, metavar="N",
-                   help="forward states each session keeps for its backward (default: %(default)s); "
-                        "0 sends every backward through the stateless fallback, which recomputes the forward")
-    p.add_argument("--max-sessions", type=int, default=Limits.max_sessions, metavar="N",
-                   help="open sessions at most, one per client (default: %(default)s); one more hello is refused "
-                        "as busy")
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
                    help="e.g. drop=0.1,delay=0.2,delay_s=2,crash_after=50 (for showing recovery)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    limits = p.add_argument_group("limits", "what the server holds at most (splitkit.sessions.Limits); 0 is allowed, "
+                                            "a negative value is refused")
+    for f in fields(Limits):
+        flag, metavar, what = LIMIT_FLAGS[f.name]
+        limits.add_argument(flag, dest=f.name, type=type(f.default), default=f.default, metavar=metavar,
+                            help=f"{what} (default: %(default)s)")
     return p.parse_args(argv)
+
+
+def limits_from(args) -> Limits:
+    """The Limits the parsed flags ask for (Limits refuses a negative value with a ValueError)."""
+    return Limits(**{f.name: getattr(args, f.name) for f in fields(Limits)})
 
 
 def main(argv=None) -> int:
@@ -42,8 +67,8 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         faults = Faults.parse(args.simulate_faults)
+        limits = limits_from(args)  # before the model loads: a bad value is told at once
         model, _ = load_model(args.model)
-        limits = Limits(states_per_session=args.keep_states, max_sessions=args.max_sessions)
         server = TrunkServer(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
                              insecure=args.insecure, faults=faults, limits=limits)
         del model

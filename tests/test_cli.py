@@ -2,9 +2,12 @@
 
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
+
+from splitkit.sessions import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,3 +77,29 @@ def test_trunk_server_help():
     out = subprocess.run([sys.executable, "trunk_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--cuts" in out.stdout and "--curve-dir" in out.stdout
+
+
+def test_trunk_server_has_a_flag_for_every_limit_with_its_default_in_the_help(capsys):
+    from trunk_server import LIMIT_FLAGS, limits_from, parse_args
+    limits = fields(Limits)
+    assert set(LIMIT_FLAGS) == {f.name for f in limits}
+    assert {f.name for f in limits} <= set(vars(parse_args([])))  # each field is filled by a flag of its own
+    assert limits_from(parse_args([])) == Limits()
+    assert parse_args(["--keep-states", "0", "--max-sessions", "3"]).max_sessions == 3  # the old names still work
+    # every flag at once, each to its own value: each lands on its own field
+    want = {f.name: type(f.default)(2 * f.default + i + 1) for i, f in enumerate(limits)}
+    argv = [arg for f in limits for arg in (LIMIT_FLAGS[f.name][0], str(want[f.name]))]
+    assert limits_from(parse_args(argv)) == Limits(**want)
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    text = capsys.readouterr().out
+    for f in limits:  # the help of each flag names the default Limits has
+        flag = LIMIT_FLAGS[f.name][0]
+        own = " ".join(text.split(f"  {flag} ", 1)[1].split("\n  --", 1)[0].split())
+        assert f"(default: {f.default})" in own, (flag, own)
+
+
+def test_trunk_server_refuses_a_negative_limit(caplog):
+    from trunk_server import main
+    assert main(["--model", "tiny-llama", "--cuts", "2", "4", "--states-total", "-1", "--session-idle", "-5"]) == 2
+    assert "limits cannot be negative: states_total, session_idle_s" in caplog.text
