@@ -43,7 +43,7 @@ class TrunkClient:
     """One client session with a trunk server. Counts the bytes it sends and receives."""
 
     def __init__(self, address: str, timeout: float = REQUEST_TIMEOUT, retries: int = REQUEST_RETRIES,
-                 wire_dtype: str = "float32", curve_dir: str | Path | None = None):
+                 wire_dtype: str = "float32", curve_dir: str | Path | None = None, log_tensors: bool = False):
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         self.address, self.timeout, self.retries, self.wire_dtype = address, timeout, retries, wire_dtype
@@ -54,6 +54,7 @@ class TrunkClient:
         self.resent = 0          # generation steps whose KV cache the server had lost: the prefix went again
         self.last_step = {}      # the newest reply to step(): delta norms of the trunk LoRA
         self.messages = deque(maxlen=1000)  # what crossed the wire: op, shapes and bytes each way
+        self.log_tensors = log_tensors  # True: each message also keeps the tensors sent, as the server decodes them
         self._ids = itertools.count()
         self._keys = itertools.count()
         self._generations = itertools.count()
@@ -190,7 +191,8 @@ class TrunkClient:
                 self.messages.append({"op": header["op"], "sent": [list(t.shape) for t in tensors],
                                       "sent_bytes": wire.nbytes(frames), "received": [list(t.shape) for t in rt],
                                       "received_bytes": wire.nbytes(reply), "dtype": dtype or self.wire_dtype,
-                                      "code": None if rh.get("ok") else rh.get("code")})
+                                      "code": None if rh.get("ok") else rh.get("code"),
+                                      **({"tensors": wire.decode(frames)[1]} if self.log_tensors else {})})
                 if not rh.get("ok"):
                     raise TrunkError(f"trunk server at {self.address}: {rh.get('error')}", rh.get("code", "?"))
                 return rh, rt

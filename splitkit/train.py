@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .client import RemoteTrunk, TrunkClient
+from .defences import Defence, Guard
 from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
 from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
 from .split import check_cuts, split_model
@@ -37,12 +38,13 @@ class Learner:
 
     Learner(model, mode="full", cuts=(10, 20), address=...) copies `model`, puts LoRA where `mode`
     trains it and opens a session on the trunk server at `address`. "local" needs no server; with
-    train_trunk=False it puts LoRA only on the blocks a split run keeps on the client.
+    train_trunk=False it puts LoRA only on the blocks a split run keeps on the client. `defence`
+    (splitkit.defences.Defence) clips and noises h1 and dL/dh2 before they are sent, or adds NoPeek's penalty.
     """
 
     def __init__(self, model, *, mode: str = FULL, cuts=(10, 20), address: str | None = None,
                  lora: LoraSpec | None = None, lr: float = 1e-3, train_trunk: bool = True, freeze_a: bool = False,
-                 **client_options):
+                 defence: Defence | None = None, **client_options):
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if mode != LOCAL and address is None:
@@ -50,6 +52,8 @@ class Learner:
         if freeze_a and mode == FULL_TRUNK:
             raise ValueError("freeze_a freezes the client's lora_A; the server trains the Trunk's: use mode 'full'")
         self.mode, self.cuts, self.lora = mode, check_cuts(cuts, model.config.num_hidden_layers), lora or LoraSpec()
+        _check_defence(defence, mode)
+        self.guard, self.penalty = Guard(defence), None  # penalty: the newest step's NoPeek term, or None
         self.model = self.bottom = self.top = self.trunk = self.client = None
         self.config, self.lr = model.config, lr
         model = copy.deepcopy(model)
@@ -119,15 +123,18 @@ class Learner:
             loss.backward()
             return loss
         h1 = self.bottom(input_ids)  # (B, T, d)
+        self.penalty = self.guard.penalty(self.bottom.tokens, input_ids, h1)  # None unless NoPeek is on
+        h1 = self.guard.h1(h1)  # what is sent: h1 itself, unless a defence clips or noises it
         if self.mode == DETACH:  # the simplified version, as written
             h2 = self.client.forward(h1.detach())  # (B, T, d): a new tensor with no history
             h2 = h2.requires_grad_(True)  # a new leaf: backward stops here
         else:
-            h2 = self.trunk(h1)  # (B, T, d), differentiable through the server
+            h2 = self.guard.h2(self.trunk(h1))  # (B, T, d), differentiable through the server
         logits = self.top(h2)  # (B, T, vocab)
-        loss = criterion(logits, labels)
-        if loss.requires_grad:  # False only when nothing before the loss trains (cuts (0, n), not full+trunk)
-            loss.backward()
+        loss = criterion(logits, labels)  # the task's loss, the one returned
+        objective = loss if self.penalty is None else loss + self.penalty
+        if objective.requires_grad:  # False only when nothing before the loss trains (cuts (0, n), not full+trunk)
+            objective.backward()
         return loss
 
     def step(self, batch) -> float:
@@ -162,7 +169,7 @@ class Learner:
     def logits(self, input_ids):  # (B, T) -> (B, T, vocab)
         if self.mode == LOCAL:
             return self.model(input_ids=input_ids).logits
-        return self.top(self.client.forward(self.bottom(input_ids)))
+        return self.top(self.client.forward(self.guard.h1(self.bottom(input_ids))))
 
     def delta_norms(self) -> dict:
         """{layer_key: ||B @ A * scaling||} over every LoRA layer, the Trunk's from the server."""
@@ -180,6 +187,16 @@ class Learner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _check_defence(defence: Defence | None, mode: str):
+    """A ValueError when the defence protects a tensor that this mode never sends."""
+    if defence is None or not defence.on:
+        return
+    if mode == LOCAL:
+        raise ValueError("mode 'local' sends nothing to a server: a defence has nothing to protect")
+    if mode == DETACH and defence.touches_g2:
+        raise ValueError("mode 'detach' sends no dL/dh2: g2_clip, g2_noise and g2_maxnorm protect nothing there")
 
 
 @dataclass
