@@ -4,7 +4,11 @@ As in the zguide's lpserver.py: replies that are lost or late, and a crash after
 `trunk_server.py --simulate-faults drop=0.1,delay=0.2` turns them on.
 """
 
+import logging
+import time
 from dataclasses import dataclass, fields
+
+log = logging.getLogger("splitkit.server")
 
 
 @dataclass
@@ -29,3 +33,18 @@ class Faults:
                 raise ValueError(f"unknown fault {name!r}; known: {', '.join(known)}")
             kwargs[name] = type(getattr(cls, name))(value)
         return cls(**kwargs)
+
+    def crashes(self, requests: int) -> bool:
+        """Whether the server stops dead now, having had `requests` requests."""
+        if self.crash_after and requests >= self.crash_after:
+            log.error("simulated crash after %d requests", requests)
+            return True
+        return False
+
+    def lost(self, rng) -> bool:
+        """Whether this reply is lost (never sent); one that is late is held back here first. `rng`: random.Random."""
+        if self.drop and rng.random() < self.drop:
+            return True
+        if self.delay and rng.random() < self.delay:
+            time.sleep(self.delay_s)
+        return False

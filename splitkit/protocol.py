@@ -106,6 +106,15 @@ def mode(header: dict) -> str:
     return m
 
 
+def session_options(header: dict) -> tuple:
+    """What a hello opens: (mode, lora, lr), a LoRA and a learning rate in full+trunk only; its wire dtype checked."""
+    m = mode(header)
+    wire_dtype(header)
+    if m != FULL_TRUNK:
+        return m, None, 0.0
+    return m, lora_spec(header.get("lora")), learning_rate(header)
+
+
 def learning_rate(header: dict) -> float:
     lr = header.get("lr")
     if type(lr) not in (int, float) or not 0 < lr < 1:

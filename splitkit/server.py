@@ -5,7 +5,6 @@ method per op. It pairs with the Lazy Pirate client in client.py: the newest rep
 kept, so a retried request is answered again, never run twice. docs/protocol.md has the messages.
 """
 
-import copy
 import logging
 import os
 import random
@@ -14,23 +13,21 @@ import time
 from collections import Counter
 
 import torch
-import zmq
 
 from . import protocol as P
 from . import wire
+from .endpoint import Endpoint, rss_bytes
 from .faults import Faults
-from .keys import check_bind, serve_curve
 from .lora import lora_delta_norms
 from .models import fingerprint
 from .protocol import Refused
 from .sessions import Limits, Session, Sessions, State
-from .split import check_cuts, split_model
+from .split import check_cuts
 
 log = logging.getLogger("splitkit.server")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
-POLL_MS = 100                  # how often the loop looks up from the socket to sweep and to stop
-MAX_MESSAGE_BYTES = 256 << 20  # ZMQ_MAXMSGSIZE: a peer that sends a bigger frame is disconnected, unanswered
+POLL_MS = 100  # how often the loop looks up from the socket to sweep and to stop
 
 
 class TrunkServer:
@@ -38,8 +35,7 @@ class TrunkServer:
 
     def __init__(self, model, cuts, bind: str = DEFAULT_BIND, device: str = "cpu", limits: Limits | None = None,
                  faults: Faults | None = None, curve_dir=None, insecure: bool = False):
-        if check_bind(bind, curve_dir, insecure):
-            log.warning("serving %s WITHOUT encryption or authentication (--insecure)", bind)
+        self.endpoint = Endpoint(bind, curve_dir, insecure)  # the address checked now, bound when serving starts
         self.name, self.hidden_size = model.config.name_or_path, model.config.hidden_size
         self.cuts = check_cuts(cuts, model.config.num_hidden_layers)
         self.fingerprint = fingerprint(model, self.cuts)  # what the handshake compares, not the name
@@ -47,15 +43,15 @@ class TrunkServer:
         self.limits, self.faults = limits or Limits(), faults or Faults()
         self.identity = dict(model=self.name, cuts=list(self.cuts), hidden_size=self.hidden_size,
                              fingerprint=self.fingerprint, device=str(self.device), limits=vars(self.limits))
-        # A private copy of the blocks, as on a separate machine; the client's LoRA never reaches it.
-        trunk = copy.deepcopy(split_model(model, self.cuts).trunk).to(self.device).requires_grad_(False)
-        self.sessions = Sessions(trunk, model.config, self.limits)
-        self.bind, self.curve_dir, self.address = bind, curve_dir, None
+        self.sessions = Sessions.of(model, self.cuts, self.device, self.limits)  # over a private copy of the blocks
         self.counters = dict(requests=0, errors=0, bytes_in=0, bytes_out=0, dropped=0, recomputed=0)
         self.answered, self.refused = Counter(), Counter()  # op -> requests answered ok; code -> refusals
         self._random = random.Random(self.faults.seed)
-        self._stop, self._ready = threading.Event(), threading.Event()
-        self._thread, self._error, self._started = None, None, time.monotonic()
+        self._stop, self._thread, self._started = threading.Event(), None, time.monotonic()
+
+    @property
+    def address(self) -> str | None:
+        return self.endpoint.address  # the bound address (a `*` port resolved), once serving
 
     # ------------------------------------------------------------------ the loop
 
@@ -63,11 +59,7 @@ class TrunkServer:
         """Serve in a background thread; return the bound address (a `*` port is resolved)."""
         self._thread = threading.Thread(target=self.serve_forever, name="trunk-server", daemon=True)
         self._thread.start()
-        if not self._ready.wait(30):
-            raise RuntimeError(f"trunk server did not start on {self.bind}")
-        if self._error:
-            raise self._error
-        return self.address
+        return self.endpoint.wait(30)  # once bound; the error that kept it from binding is raised here
 
     def stop(self):
         self._stop.set()
@@ -75,45 +67,25 @@ class TrunkServer:
             self._thread.join(10)
 
     def serve_forever(self):
-        ctx = zmq.Context()
-        try:
-            sock, auth = _bind(ctx, self.bind, self.curve_dir)
-            self.address = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        with self.endpoint.open() as endpoint:  # a failure to bind is raised here, and by start()
             log.info("trunk blocks [%d, %d) of %s on %s, serving %s", *self.cuts, self.name, self.device, self.address)
-        except Exception as e:  # reported to start(), and to the command line
-            self._error = RuntimeError(f"cannot serve on {self.bind}: {e}")
-            ctx.term()
-            raise self._error from e
-        finally:
-            self._ready.set()
-        try:
             while not self._stop.is_set():
-                if sock.poll(POLL_MS):
-                    frames = sock.recv_multipart(copy=False)
-                    if self.faults.crash_after and self.counters["requests"] >= self.faults.crash_after:
-                        log.error("simulated crash after %d requests", self.counters["requests"])
+                message = endpoint.receive(POLL_MS)  # (envelope, body), or None if nothing came
+                if message is not None:
+                    if self.faults.crashes(self.counters["requests"]):
                         break
-                    self._serve_one(sock, frames)
+                    self._serve_one(endpoint, *message)
                 self.sessions.sweep()
-        finally:
-            sock.close()
-            if auth is not None:
-                auth.stop()
-            ctx.term()
 
-    def _serve_one(self, sock, frames):
+    def _serve_one(self, endpoint: Endpoint, envelope: list, body: list):
         self.counters["requests"] += 1
-        self.counters["bytes_in"] += wire.nbytes(frames[1:])
-        split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1  # envelope: peer id, REQ's empty delimiter
-        envelope, body = [f.bytes for f in frames[:split_at]], frames[split_at:]
+        self.counters["bytes_in"] += wire.nbytes(body)
         reply = self.handle(body)
-        if self.faults.drop and self._random.random() < self.faults.drop:
+        if self.faults.lost(self._random):  # a simulated lost reply (a late one was held back in there)
             self.counters["dropped"] += 1
             return
-        if self.faults.delay and self._random.random() < self.faults.delay:
-            time.sleep(self.faults.delay_s)
         self.counters["bytes_out"] += wire.nbytes(reply)
-        sock.send_multipart(envelope + reply, copy=False)
+        endpoint.send(envelope, reply)
 
     def handle(self, frames) -> list:
         """Frames of one request -> frames of its reply. Never raises."""
@@ -147,23 +119,18 @@ class TrunkServer:
             raise Refused(f"no session {sid[:8]}… here (the server restarted or dropped it): say hello again",
                           P.UNKNOWN_SESSION)
         session.seen = time.monotonic()
-        if rid == session.last_id:  # a retry: answer it again, never apply it twice
-            return session.last_reply
-        if rid < session.last_id:
-            raise Refused(f"request {rid} is older than {session.last_id}, already answered", P.STALE)
+        kept = session.replay(rid)  # a retry is answered again, never applied twice; an older id is refused
+        if kept is not None:
+            return kept
         reply = getattr(self, f"_{op}")(session, header, tensors)
-        session.last_id, session.last_reply = rid, reply
-        session.requests += 1
+        session.answered(rid, reply)
         self.answered[op] += 1
         return reply
 
     def _open(self, sid: str, header: dict, tensors: list) -> Session:
         P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
-        mode = P.mode(header)
-        P.wire_dtype(header)
-        lora, lr = (P.lora_spec(header.get("lora")), P.learning_rate(header)) if mode == P.FULL_TRUNK else (None, 0.0)
-        session = self.sessions.open(sid, mode, lora, lr, header.get("names"), tensors)
-        log.info("session %s… opened (%s), %d open", sid[:8], mode, len(self.sessions))
+        session = self.sessions.open(sid, *P.session_options(header), header.get("names"), tensors)
+        log.info("session %s… opened (%s), %d open", sid[:8], session.mode, len(self.sessions))
         return session
 
     # ------------------------------------------------------------------ the ops
@@ -226,22 +193,16 @@ class TrunkServer:
         return wire.encode(P.ok(header), [state.h1.grad], dtype=_came_in(header))  # dL/dh1: (B, T, d)
 
     def _step(self, session: Session, header: dict, tensors: list) -> list:
-        if session.mode != P.FULL_TRUNK:
-            raise Refused("only a full+trunk session trains the trunk's LoRA")
-        applied = session.step()  # False when no backward came since the last step
-        names, values = zip(*self.sessions.lora_parameters(session), strict=True)
-        return wire.encode(P.ok(header, applied=applied, steps=session.steps, names=list(names),
+        applied = self.sessions.step(session)  # refused unless full+trunk; False if no backward came since the last
+        names, values = self.sessions.lora_state(session)
+        return wire.encode(P.ok(header, applied=applied, steps=session.steps, names=names,
                                 delta_norms=lora_delta_norms(self.sessions.peft, session.adapter)), values)
 
     def _lora_state(self, session: Session, header: dict, tensors: list) -> list:
-        if session.mode != P.FULL_TRUNK:
-            raise Refused("only a full+trunk session has a trunk LoRA")
-        names, values = zip(*self.sessions.lora_parameters(session), strict=True)
-        return wire.encode(P.ok(header, names=list(names)), values)
+        names, values = self.sessions.lora_state(session)  # refused unless full+trunk
+        return wire.encode(P.ok(header, names=names), values)
 
-    def _load_lora(self, session: Session, header: dict, tensors: list) -> list:
-        if session.mode != P.FULL_TRUNK:
-            raise Refused("only a full+trunk session has a trunk LoRA")
+    def _load_lora(self, session: Session, header: dict, tensors: list) -> list:  # refused unless full+trunk
         self.sessions.load(session, header.get("names"), [t.to(self.device, torch.float32) for t in tensors])
         return wire.encode(P.ok(header, steps=session.steps))
 
@@ -261,47 +222,15 @@ class TrunkServer:
 
     def stats(self) -> dict:
         """What the server holds and has done: the counters, memory, and a line per open session."""
-        now, table = time.monotonic(), self.sessions.table.values()
-        return {**self.identity, "sessions": len(self.sessions), "states": self.sessions.states(),
-                "state_bytes": self.sessions.state_bytes(), "generations": self.sessions.generations(),
-                "cached_tokens": self.sessions.cached_tokens(), "cache_bytes": self.sessions.cache_bytes(),
-                "rss_bytes": _rss_bytes(), "uptime_s": round(now - self._started, 1), **self.counters,
-                "answered": dict(self.answered), "refused": dict(self.refused),
-                "modes": dict(Counter(s.mode for s in table)),
-                "session_list": [dict(id=s.id[:6], mode=s.mode, requests=s.requests, trunk_steps=s.steps,
-                                      states=len(s.states), generations=len(s.generations),
-                                      idle_s=round(now - s.seen, 1)) for s in table]}
-
-
-def _rss_bytes() -> int | None:
-    """Resident memory of this process (Linux's /proc); None where there is none."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return None
+        now = time.monotonic()
+        return {**self.identity, **self.sessions.totals(), "rss_bytes": rss_bytes(),
+                "uptime_s": round(now - self._started, 1), **self.counters, "answered": dict(self.answered),
+                "refused": dict(self.refused), **self.sessions.lines(now)}
 
 
 def _came_in(header: dict) -> str:
     """The wire dtype of a request's first tensor: its reply goes back in the same one."""
     return header["tensors"][0]["dtype"]
-
-
-def _bind(ctx, bind: str, curve_dir):
-    """A ROUTER socket bound to `bind` (a CURVE server with keys), and its authenticator or None."""
-    sock, auth = ctx.socket(zmq.ROUTER), None
-    sock.linger = 0
-    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-    try:
-        if curve_dir is not None:
-            auth = serve_curve(ctx, sock, curve_dir)
-        sock.bind(bind)
-    except Exception:
-        if auth is not None:
-            auth.stop()
-        sock.close()
-        raise
-    return sock, auth
 
 
 def connect_or_start(model, cuts, **options) -> str:

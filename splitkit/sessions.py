@@ -5,17 +5,18 @@ backward), its generations' KV caches, its newest reply (to answer a retry witho
 twice) and, in full+trunk, its own LoRA adapter on the one shared Trunk, with its own optimizer.
 """
 
+import copy
 import time
 import warnings
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import asdict, dataclass, field
 
 import torch
 from transformers import DynamicCache
 
 from .lora import LoraSpec, add_adapter, add_lora, lora_grads, lora_parameters
-from .protocol import BUSY, CACHE_MISSING, FULL_TRUNK, Refused, lora_state
-from .split import left_padding
+from .protocol import BUSY, CACHE_MISSING, FULL_TRUNK, STALE, Refused, lora_state
+from .split import left_padding, split_model
 
 
 @dataclass
@@ -84,6 +85,20 @@ class Session:
         """The name of this session's LoRA adapter on the shared Trunk."""
         return f"s{self.id}"
 
+    def replay(self, rid: int) -> list | None:
+        """The kept reply if request `rid` is the newest one again (a retry: answered again, never applied
+        twice); None for a new request. An older id is refused as stale."""
+        if rid == self.last_id:
+            return self.last_reply
+        if rid < self.last_id:
+            raise Refused(f"request {rid} is older than {self.last_id}, already answered", STALE)
+        return None
+
+    def answered(self, rid: int, reply: list):
+        """Keep the reply to request `rid`, the newest, for a retry of it."""
+        self.last_id, self.last_reply = rid, reply
+        self.requests += 1
+
     def put(self, key: int, state: State, limit: int):
         """Keep a forward state; past `limit` states the oldest is dropped."""
         self.states[key] = state
@@ -112,6 +127,13 @@ class Sessions:
         self.trunk, self.config, self.limits = trunk, config, limits
         self.peft = None  # the PeftModel around the Trunk while any full+trunk session is open
         self.table: dict[str, Session] = {}
+
+    @classmethod
+    def of(cls, model, cuts, device, limits: Limits) -> "Sessions":
+        """The table of a server of blocks [a, b) of `model`: a private copy of them on `device`, as on a
+        separate machine (the client's LoRA never reaches it)."""
+        trunk = copy.deepcopy(split_model(model, cuts).trunk).to(device).requires_grad_(False)
+        return cls(trunk, model.config, limits)
 
     def __len__(self):
         return len(self.table)
@@ -149,6 +171,20 @@ class Sessions:
     def state_bytes(self) -> int:
         """Bytes of h1 and h2 held in forward states (their graphs hold about as much again per block)."""
         return sum(st.h1.nbytes + st.h2.nbytes for s in self.table.values() for st in s.states.values())
+
+    def totals(self) -> dict:
+        """What the table holds, for the server's stats: sessions, forward states, KV caches, and their bytes."""
+        return {"sessions": len(self), "states": self.states(), "state_bytes": self.state_bytes(),
+                "generations": self.generations(), "cached_tokens": self.cached_tokens(),
+                "cache_bytes": self.cache_bytes()}
+
+    def lines(self, now: float) -> dict:
+        """For the server's stats: the open sessions by mode, and a line per session (idle time up to `now`)."""
+        table = self.table.values()
+        return {"modes": dict(Counter(s.mode for s in table)),
+                "session_list": [dict(id=s.id[:6], mode=s.mode, requests=s.requests, trunk_steps=s.steps,
+                                      states=len(s.states), generations=len(s.generations),
+                                      idle_s=round(now - s.seen, 1)) for s in table]}
 
     def sweep(self):
         """Close idle sessions, drop forward states that waited too long for their backward and idle KV caches."""
@@ -240,6 +276,19 @@ class Sessions:
         """[(name, weight)] of the session's Trunk LoRA, named as in lora.lora_parameters."""
         return list(lora_parameters(self.peft, session.adapter))
 
+    def step(self, session: Session) -> bool:
+        """Session.step for a full+trunk session; a session in another mode has no Trunk LoRA to train."""
+        if session.mode != FULL_TRUNK:
+            raise Refused("only a full+trunk session trains the trunk's LoRA")
+        return session.step()
+
+    def lora_state(self, session: Session) -> tuple[list, tuple]:
+        """(names, tensors) of a full+trunk session's Trunk LoRA; a session in another mode has none."""
+        if session.mode != FULL_TRUNK:
+            raise Refused("only a full+trunk session has a trunk LoRA")
+        names, values = zip(*self.lora_parameters(session), strict=True)
+        return list(names), values
+
     def lora_grads(self, sid: str) -> dict:
         """{name: .grad} of a full+trunk session's Trunk LoRA, named as on the client (for checks)."""
         return lora_grads(self.peft, self.table[sid].adapter)
@@ -260,6 +309,8 @@ class Sessions:
 
     def load(self, session: Session, names, tensors):
         """Put `tensors` (a whole Trunk LoRA, or none) into the session's adapter; its optimizer starts afresh."""
+        if session.mode != FULL_TRUNK:
+            raise Refused("only a full+trunk session has a trunk LoRA")
         params = self.lora_parameters(session)
         if tensors:  # the client's copy after a server restart, or a federated round's average
             pairs = lora_state(names, list(tensors), dict(params))

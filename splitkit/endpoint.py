@@ -1,0 +1,98 @@
+"""Where a trunk server listens: its ROUTER socket, bound with CURVE keys or not, and the process it runs in.
+
+TrunkServer (server.py) makes one Endpoint when it is made, which checks the address (keys.check_bind),
+and opens it in its serving thread; start() waits here until the socket is bound or has failed.
+"""
+
+import logging
+import os
+import threading
+from contextlib import contextmanager
+
+import zmq
+
+from .keys import check_bind, serve_curve
+
+log = logging.getLogger("splitkit.server")
+
+MAX_MESSAGE_BYTES = 256 << 20  # ZMQ_MAXMSGSIZE: a peer that sends a bigger frame is disconnected, unanswered
+
+
+class Endpoint:
+    """A server's address, checked when it is made; bound by open() in the thread that serves it."""
+
+    def __init__(self, bind: str, curve_dir=None, insecure: bool = False):
+        if check_bind(bind, curve_dir, insecure):
+            log.warning("serving %s WITHOUT encryption or authentication (--insecure)", bind)
+        self.bind, self.curve_dir = bind, curve_dir
+        self.address, self.sock, self.error = None, None, None  # the bound address (a `*` port resolved)
+        self.ready = threading.Event()  # set once open() has bound the socket or failed to
+
+    @contextmanager
+    def open(self):
+        """Bind, serve within the block (self.sock), and close everything after it; a failure to bind is
+        raised here and kept for wait()."""
+        ctx = zmq.Context()
+        try:
+            self.sock, auth = bind(ctx, self.bind, self.curve_dir)
+            self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        except Exception as e:  # reported to start(), and to the command line
+            self.error = RuntimeError(f"cannot serve on {self.bind}: {e}")
+            ctx.term()
+            raise self.error from e
+        finally:
+            self.ready.set()
+        try:
+            yield self
+        finally:
+            self.sock.close()
+            if auth is not None:
+                auth.stop()
+            ctx.term()
+
+    def wait(self, timeout: float) -> str:
+        """The bound address, once open() has bound it; its error if it could not."""
+        if not self.ready.wait(timeout):
+            raise RuntimeError(f"trunk server did not start on {self.bind}")
+        if self.error:
+            raise self.error
+        return self.address
+
+    def receive(self, timeout_ms: int) -> tuple[list, list] | None:
+        """The next message as (envelope, body): the envelope to send the reply behind (the peer's id, and a REQ
+        socket's empty delimiter), the body its frames (zmq.Frame); None if none came within timeout_ms."""
+        if not self.sock.poll(timeout_ms):
+            return None
+        frames = self.sock.recv_multipart(copy=False)
+        split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
+        return [f.bytes for f in frames[:split_at]], frames[split_at:]
+
+    def send(self, envelope: list, frames: list):
+        """A reply, behind the envelope its request came with."""
+        self.sock.send_multipart(envelope + frames, copy=False)
+
+
+def bind(ctx, bind: str, curve_dir):
+    """A ROUTER socket bound to `bind` (a CURVE server with keys), and its authenticator or None."""
+    sock, auth = ctx.socket(zmq.ROUTER), None
+    sock.linger = 0
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+    try:
+        if curve_dir is not None:
+            auth = serve_curve(ctx, sock, curve_dir)
+        sock.bind(bind)
+    except Exception:
+        if auth is not None:
+            auth.stop()
+        sock.close()
+        raise
+    return sock, auth
+
+
+def rss_bytes() -> int | None:
+    """Resident memory of this process (Linux's /proc); None where there is none."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
