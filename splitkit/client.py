@@ -9,6 +9,7 @@ request that the server already ran is answered from its reply cache, not run tw
 import itertools
 import secrets
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -95,16 +96,18 @@ class TrunkClient:
         return g1.to(g2.dtype)
 
     def infer(self, h1: torch.Tensor, gen: int, start: int, pad: list | None = None,
-              prefix: torch.Tensor | None = None) -> torch.Tensor:
+              prefix: torch.Tensor | Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """h2 for positions [start, start + T) of generation `gen`, the server keeping the Trunk's KV cache.
         `start` 0 begins a generation (rows left-padded by `pad`); if the server lost the cache, `prefix`
-        (the h1 of positions [0, start)) is sent again with h1, and the server builds the cache anew."""
+        (the h1 of positions [0, start)) is sent again with h1, and the server builds the cache anew.
+        `prefix` may be a function that returns it: it is called only then, when the prefix must go again."""
         try:
             _, (h2,) = self._call({"op": P.INFER, "gen": gen, "start": start, **_given(pad=pad)}, [h1])
         except TrunkError as e:
             if e.code != P.CACHE_MISSING or prefix is None:
                 raise
             self.resent += 1
+            prefix = prefix() if callable(prefix) else prefix  # (B, start, d)
             _, (h2,) = self._call({"op": P.INFER, "gen": gen, "start": 0, **_given(pad=pad)},
                                   [torch.cat([prefix, h1], dim=1)])
             h2 = h2[:, start:]  # (B, T, d): the new positions

@@ -84,7 +84,7 @@ class _Run:
         self.learner, self.pad, self.cache = learner, pad, cache
         self.caches = [DynamicCache(config=learner.config) for _ in range(2)] if cache else [None, None]
         self.gen = learner.client.new_generation() if cache and learner.client else None
-        self.sent = []  # the h1 of every position so far: sent again if the server lost the Trunk's cache
+        self.sent = []  # the h1 of each step so far, (B, t, d) each: sent again if the server lost the Trunk's cache
 
     def __call__(self, ids, start: int):  # (B, T) -> logits (B, T, vocab)
         mask, positions = left_padding(self.pad, start, start + ids.shape[1])  # (B, start + T), (B, T)
@@ -95,11 +95,17 @@ class _Run:
         h1 = self.learner.bottom(ids, past_key_values=self.caches[0], **parts)  # (B, T, d)
         client = self.learner.client
         if self.cache:
-            h2 = client.infer(h1, self.gen, start, self.pad, torch.cat(self.sent, dim=1) if self.sent else None)
+            h2 = client.infer(h1, self.gen, start, self.pad, self._prefix if self.sent else None)
             self.sent.append(h1)
         else:
             h2 = client.forward(h1, pad=self.pad)  # (B, T, d)
         return self.learner.top(h2, past_key_values=self.caches[1], **parts)  # (B, T, vocab)
+
+    def _prefix(self) -> torch.Tensor:  # (B, start, d)
+        """The h1 of every position so far, joined only when the server asks for it again (cache_missing);
+        kept joined, so that a later resend joins only the steps after this one."""
+        self.sent[:] = [torch.cat(self.sent, dim=1)]
+        return self.sent[0]
 
     def close(self):
         if self.gen is not None:

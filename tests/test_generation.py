@@ -76,6 +76,40 @@ def test_a_server_that_keeps_no_cache_still_generates_the_same_tokens(llama, ser
         assert kept.client.resent == 0 and lost.client.resent == NEW - 1  # every decode step lost its cache
 
 
+def watch_prefixes(client) -> dict:
+    """Wrap client.infer to count what generation gives it as `prefix`: nothing, a tensor already joined, or a
+    function, and how often infer called that function (joined the h1 history)."""
+    counts = dict(none=0, tensor=0, lazy=0, joined=0)
+    infer = client.infer
+
+    def counted(h1, gen, start, pad=None, prefix=None):
+        if prefix is None or isinstance(prefix, torch.Tensor):
+            counts["none" if prefix is None else "tensor"] += 1
+            return infer(h1, gen, start, pad, prefix)
+        counts["lazy"] += 1
+
+        def join():
+            counts["joined"] += 1
+            return prefix()
+        return infer(h1, gen, start, pad, join)
+
+    client.infer = counted
+    return counts
+
+
+def test_the_h1_history_is_joined_only_when_the_server_lost_the_cache(llama, serve, spec):
+    cuts = cuts_of(llama)
+    ids, mask = padded_prompts(llama)
+    with Learner(llama, mode="full", cuts=cuts, address=serve(llama, cuts), lora=spec) as kept, \
+            Learner(llama, mode="full", cuts=cuts, address=serve(llama, cuts, limits=Limits(generations_total=0)),
+                    lora=spec) as lost:
+        on_kept, on_lost = watch_prefixes(kept.client), watch_prefixes(lost.client)
+        assert torch.equal(generate_ids(lost, ids, mask, NEW), generate_ids(kept, ids, mask, NEW))
+    # the prompt goes with no prefix; each token after it with the history unjoined, joined only to be resent
+    assert on_kept == dict(none=1, tensor=0, lazy=NEW - 1, joined=0)
+    assert on_lost == dict(none=1, tensor=0, lazy=NEW - 1, joined=NEW - 1) and lost.client.resent == NEW - 1
+
+
 def test_many_abandoned_generations_keep_server_memory_bounded(llama, serve, client):
     cuts = cuts_of(llama)
     limits = Limits(generations_per_session=3, generations_total=5, cached_tokens=200, generation_idle_s=0.5)
