@@ -7,12 +7,15 @@ protection in two-party split learning", 2022), and two servers that look: one k
 receives, the other also answers with a dL/dh1 of its own.
 """
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from . import protocol as P
 from . import wire
+from .defences import Guard
 from .server import TrunkServer
 from .split import Blocks, Bottom
 
@@ -45,6 +48,13 @@ SENTENCES = [
 ]
 
 
+# What a client would least want read back from each sentence above, in the same order.
+SECRETS = ["hunter2", "Amelia Okafor", "Lukas Brenner", "14 March 1987", "48 Harbour Street", "555-0193",
+           "Maria Gonzalez", "7731-alpha", "Lisbon", "BA 287", "j.tanaka@example.com", "Henrik", "3.2 million",
+           "Priya Raman", "Melbourne", "18-42-7", "Kofi Mensah", "74,500", "Monterrey", "0457", "Sofia Rossi",
+           "17 Quay Road", "Nairobi", "Ahmed Karimi"]
+
+
 def encode_sentences(tokenizer, sentences) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded input_ids (S, T) and a mask (S, T) of the real tokens."""
     rows = [tokenizer(s, add_special_tokens=False).input_ids for s in sentences]
@@ -73,13 +83,17 @@ def nearest_tokens(model, h1):  # (..., d) -> (...) token ids
 
 
 @torch.no_grad()
-def fit_inversions(model, cuts, n_tokens: int = 8192, seq_len: int = 64, seed: int = 0) -> dict:
+def fit_inversions(model, cuts, n_tokens: int = 8192, seq_len: int = 64, seed: int = 0, defence=None) -> dict:
     """{a: W (d, d)}, the least-squares linear map with h1 @ W ~ embedding(token) at each cut, fitted on
-    random token sequences the attacker makes up (no access to the client's data)."""
+    random token sequences the attacker makes up (no access to the client's data). With a `defence`
+    (splitkit.defences.Defence) the attacker is adaptive: it fits on h1 that went through that defence."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (n_tokens // seq_len, seq_len), generator=g)  # (N, T)
     target = model.get_input_embeddings()(ids).flatten(0, 1)  # (N*T, d)
     hidden = hidden_by_cut(model, ids, cuts)
+    if defence is not None:
+        guard = Guard(replace(defence, seed=defence.seed + 1))  # the attacker's own noise, not the client's
+        hidden = {a: guard.h1(h1) for a, h1 in hidden.items()}
     # float64: at deep cuts h1 has a few huge dimensions, and a float32 solve is not reproducible
     return {a: torch.linalg.lstsq(h1.flatten(0, 1).double(), target.double()).solution.float()
             for a, h1 in hidden.items()}

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .client import RemoteTrunk, TrunkClient
+from .data import encode
 from .defences import Defence, Guard
 from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
 from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
@@ -187,6 +188,18 @@ class Learner:
 
     def __exit__(self, *exc):
         self.close()
+
+
+@torch.no_grad()
+def evaluate(learner: Learner, tokenizer, pairs) -> tuple[float, float]:
+    """(loss, exact match) of (prompt, answer) pairs through the learner, its defence included. Exact match
+    here: every answer token and the end token is the argmax given the tokens before it, which is exactly
+    when greedy decoding writes the answer and stops."""
+    batch = encode(tokenizer, pairs)
+    logits = learner.logits(batch["input_ids"])  # (B, T, vocab)
+    labels = batch["labels"]
+    hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == -100)  # (B, T - 1)
+    return float(criterion(logits, labels)), float(hit.all(dim=1).float().mean())
 
 
 def _check_defence(defence: Defence | None, mode: str):
