@@ -43,7 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--bind", default=DEFAULT_BIND, help="ZeroMQ address to bind (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="torch device for the trunk, e.g. cuda (default: cpu)")
     p.add_argument("--curve-dir", help="folder made by `python -m splitkit keys DIR`: encrypt, and let in "
-                                       "only the clients whose public keys are in DIR/authorized")
+                                       "only the clients whose public keys are in DIR/authorized (read again "
+                                       "within a second when it changes: `keys DIR --add/--remove NAME`)")
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without keys")
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
                    help="e.g. drop=0.1,delay=0.2,delay_s=2,crash_after=50 (for showing recovery)")

@@ -2,6 +2,7 @@
 
     python -m splitkit prepare            convert SmolLM2 once and cache it
     python -m splitkit keys DIR           CURVE key pairs for a server that others can reach
+    python -m splitkit keys DIR --add NAME    issue student NAME a key (--remove NAME withdraws it, --list)
     python -m splitkit train --mode full  fine-tune, print the evaluation, write plots and a PEFT adapter
 """
 
@@ -15,7 +16,7 @@ from . import data
 from .datafiles import DataError, Dataset, load_data, perplexity, text_batches
 from .export import save_adapter
 from .generation import exact_match
-from .keys import make_keys
+from .keys import add_student, authorized, make_keys, remove_student
 from .models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
 from .protocol import LOCAL, MODES
 from .server import TrunkServer
@@ -89,14 +90,46 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_keys(args) -> int:
+    folder = Path(args.dir)
+    if not (args.add or args.remove or args.list):
+        make_keys(folder)
+        print(f"keys in {folder}: give clients client.key_secret and server.key; "
+              f"run the server with --curve-dir {folder}; a key for each student: --add NAME")
+        return 0
+    for name in args.remove:
+        public = remove_student(folder, name)
+        print(f"{name}: withdrawn ({public} deleted). A server running with --curve-dir {folder} refuses this key "
+              f"within a second, on a connection already open too (its requests go unanswered: a timeout); "
+              f"no restart needed. {folder / 'students' / name} is of no use any more.")
+    for name in args.add:
+        own = add_student(folder, name)
+        print(f"{name}: key pair in {own}/ (client.key_secret, the student's secret, and server.key): give that "
+              f"folder to {name} alone, to use as curve_dir (TrunkClient, Learner). Public key: "
+              f"{folder / 'authorized' / (name + '.key')}; a server running with --curve-dir {folder} lets "
+              f"{name} in within a second.")
+    if args.list:
+        names = authorized(folder)
+        print(f"authorized in {folder / 'authorized'}: {', '.join(names) if names else 'nobody'}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m splitkit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     pp = sub.add_parser("prepare", help="convert SmolLM2 from its GGUF file and cache it")
     pp.add_argument("--force", action="store_true", help="convert again even if cached")
-    pk = sub.add_parser("keys", help="make server and client CURVE key pairs in DIR")
+    pk = sub.add_parser("keys", help="make server and client CURVE key pairs in DIR; issue and withdraw students' "
+                                     "keys")
     pk.add_argument("dir")
+    pk.add_argument("--add", action="append", default=[], metavar="NAME",
+                    help="issue student NAME a key pair, in DIR/students/NAME/ (give that folder to NAME), and "
+                         "authorize it (DIR/authorized/NAME.key); DIR needs its server key first: keys DIR")
+    pk.add_argument("--remove", action="append", default=[], metavar="NAME",
+                    help="withdraw NAME's key: delete DIR/authorized/NAME.key; a running server refuses it within "
+                         "a second")
+    pk.add_argument("--list", action="store_true", help="print who is authorized (DIR/authorized/*.key)")
     pt = sub.add_parser("train", help="fine-tune LoRA through a trunk server, on the kit's task or your data",
                         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pt.add_argument("--mode", choices=MODES, default="full")
@@ -119,10 +152,7 @@ def main(argv=None) -> int:
             print(f"SmolLM2 cached in {prepare(args.force)}")
             return 0
         if args.command == "keys":
-            folder = make_keys(args.dir)
-            print(f"keys in {folder}: give clients client.key_secret and server.key; "
-                  f"run the server with --curve-dir {folder}")
-            return 0
+            return cmd_keys(args)
         return cmd_train(args)
     except (ModelUnavailable, DataError, TypeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -26,6 +26,7 @@ class Endpoint:
             log.warning("serving %s WITHOUT encryption or authentication (--insecure)", bind)
         self.bind, self.curve_dir = bind, curve_dir
         self.address, self.sock, self.error = None, None, None  # the bound address (a `*` port resolved)
+        self.keys = None  # with CURVE: the authorized keys, kept up to date with curve_dir/authorized
         self.ready = threading.Event()  # set once open() has bound the socket or failed to
 
     @contextmanager
@@ -34,7 +35,7 @@ class Endpoint:
         raised here and kept for wait()."""
         ctx = zmq.Context()
         try:
-            self.sock, auth = bind(ctx, self.bind, self.curve_dir)
+            self.sock, auth, self.keys = bind(ctx, self.bind, self.curve_dir)
             self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         except Exception as e:  # reported to start(), and to the command line
             self.error = RuntimeError(f"cannot serve on {self.bind}: {e}")
@@ -60,10 +61,17 @@ class Endpoint:
 
     def receive(self, timeout_ms: int) -> tuple[list, list] | None:
         """The next message as (envelope, body): the envelope to send the reply behind (the peer's id, and a REQ
-        socket's empty delimiter), the body its frames (zmq.Frame); None if none came within timeout_ms."""
+        socket's empty delimiter), the body its frames (zmq.Frame); None if none came within timeout_ms, or if
+        it came from a key withdrawn from curve_dir/authorized since its client connected: that one goes
+        unanswered, as one from a key never authorized (whose handshake fails) does."""
+        if self.keys is not None:
+            self.keys.refresh()
         if not self.sock.poll(timeout_ms):
             return None
         frames = self.sock.recv_multipart(copy=False)
+        if self.keys is not None and not self.keys.allows(frames[-1]):  # the last part: from the peer itself
+            log.warning("dropped a request from a key no longer authorized in %s", self.keys.folder)
+            return None
         split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
         return [f.bytes for f in frames[:split_at]], frames[split_at:]
 
@@ -73,20 +81,21 @@ class Endpoint:
 
 
 def bind(ctx, bind: str, curve_dir):
-    """A ROUTER socket bound to `bind` (a CURVE server with keys), and its authenticator or None."""
-    sock, auth = ctx.socket(zmq.ROUTER), None
+    """A ROUTER socket bound to `bind`, and with keys (a CURVE server) its authenticator and authorized keys;
+    None, None without."""
+    sock, auth, keys = ctx.socket(zmq.ROUTER), None, None
     sock.linger = 0
     sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
     try:
         if curve_dir is not None:
-            auth = serve_curve(ctx, sock, curve_dir)
+            auth, keys = serve_curve(ctx, sock, curve_dir)
         sock.bind(bind)
     except Exception:
         if auth is not None:
             auth.stop()
         sock.close()
         raise
-    return sock, auth
+    return sock, auth, keys
 
 
 def rss_bytes() -> int | None:

@@ -1,10 +1,16 @@
 """Who may talk to a trunk server: loopback is open, anything else needs CURVE keys (or --insecure).
 
 CURVE, ZeroMQ's encryption and authentication: the server has a key pair, each client has one,
-and the server lets in only the clients whose public keys are in its `authorized` folder.
+and the server lets in only the clients whose public keys are in its `authorized` folder. A teacher
+issues each student a key pair of their own (add_student) and withdraws it (remove_student); a running
+server reads the folder again when it changes, and refuses a withdrawn key even on an open connection.
 """
 
+import logging
 import os
+import re
+import shutil
+import time
 from ipaddress import ip_address
 from pathlib import Path
 
@@ -12,6 +18,8 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
+log = logging.getLogger("splitkit.server")
+STUDENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def is_loopback(address: str) -> bool:
     """True for ipc://, inproc:// and TCP addresses on 127.0.0.0/8, ::1 or localhost."""
@@ -47,14 +55,103 @@ def make_keys(folder) -> Path:
     return folder
 
 
-def serve_curve(ctx: zmq.Context, sock: zmq.Socket, curve_dir) -> ThreadAuthenticator:
-    """Make `sock` a CURVE server that lets in only the keys in curve_dir/authorized; returns the authenticator."""
+def add_student(folder, name: str) -> Path:
+    """Issue student `name` a key pair of their own, in DIR/students/NAME/: client.key_secret (theirs alone) and
+    a copy of server.key, a curve_dir for that student; their public key is authorized as DIR/authorized/NAME.key."""
+    folder, public = Path(folder), _public_key(folder, name)
+    if not (folder / "server.key").is_file():
+        raise ValueError(f"no server key in {folder}: make the keys first, with `python -m splitkit keys {folder}`")
+    if public.exists():
+        raise ValueError(f"{name} has a key already ({public}); remove it first to issue a new one")
+    own = folder / "students" / name
+    own.mkdir(parents=True, exist_ok=True)
+    made, secret = zmq.auth.create_certificates(own, "client")
+    os.chmod(secret, 0o600)
+    shutil.copyfile(folder / "server.key", own / "server.key")
+    public.parent.mkdir(exist_ok=True)
+    os.replace(made, public)  # in one step: a server reading the folder never sees half a key
+    return own
+
+
+def remove_student(folder, name: str) -> Path:
+    """Withdraw student `name`'s key: DIR/authorized/NAME.key is deleted (returned); a running server refuses it."""
+    public = _public_key(folder, name)
+    if not public.is_file():
+        raise ValueError(f"{name} is not authorized in {public.parent} "
+                         f"(authorized: {', '.join(authorized(folder)) or 'nobody'})")
+    public.unlink()
+    return public
+
+
+def authorized(folder) -> list[str]:
+    """The names whose public keys are in DIR/authorized: the clients a server with these keys lets in."""
+    return sorted(p.stem for p in (Path(folder) / "authorized").glob("*.key"))
+
+
+def _public_key(folder, name: str) -> Path:
+    if not STUDENT_NAME.fullmatch(name):
+        raise ValueError(f"a student's name is 1 to 64 letters, digits, '_', '.' or '-' (not first), got {name!r}")
+    return Path(folder) / "authorized" / f"{name}.key"
+
+
+class AuthorizedKeys:
+    """The public keys in a server's `authorized` folder, read again when a key file there comes, goes or
+    changes. The authenticator asks it at each handshake (callback, in its own thread); the server asks it
+    about each request (allows), so that a key withdrawn while its client is connected is refused too."""
+
+    def __init__(self, folder, every_s: float = 1.0):
+        self.folder, self.every_s = Path(folder), every_s
+        self.keys = frozenset()  # Z85 public keys; replaced whole, never changed in place
+        self._seen, self._checked, self._trouble = None, float("-inf"), None
+        self.refresh()
+
+    def refresh(self):
+        """Read the folder again if it changed since the last read; look at most once every `every_s`."""
+        now = time.monotonic()
+        if now - self._checked < self.every_s:
+            return
+        self._checked = now
+        try:
+            seen = sorted((p.name, st.st_mtime_ns, st.st_size) for p in self.folder.glob("*.key") for st in [p.stat()])
+            if seen == self._seen:
+                return
+            keys = frozenset(zmq.auth.load_certificates(self.folder))
+        except (OSError, ValueError) as e:  # no folder, or a bad key file: keep the keys as they were, look again
+            if str(e) != self._trouble:  # said once, not every second
+                log.warning("cannot read the authorized keys in %s: %s", self.folder, e)
+            self._trouble = str(e)
+            return
+        self._trouble = None
+        if self._seen is not None:
+            log.info("authorized keys in %s read again: %d, was %d", self.folder, len(keys), len(self.keys))
+        self.keys, self._seen = keys, seen
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """ZAP's question at a CURVE handshake: may this client key (Z85) in?"""
+        return key in self.keys
+
+    def allows(self, frame: zmq.Frame) -> bool:
+        """Whether a received message part came from a key still authorized (its User-Id, set at the handshake)."""
+        try:
+            return frame.get("User-Id").encode() in self.keys
+        except zmq.ZMQError:  # no User-Id: not a CURVE connection
+            return False
+
+
+def serve_curve(ctx: zmq.Context, sock: zmq.Socket, curve_dir) -> tuple[ThreadAuthenticator, AuthorizedKeys]:
+    """Make `sock` a CURVE server that lets in only the keys in curve_dir/authorized, as they are now and as they
+    change; returns the authenticator (stop it after the socket closes) and the keys (refresh them now and then)."""
+    keys = AuthorizedKeys(Path(curve_dir) / "authorized")
     auth = ThreadAuthenticator(ctx)
     auth.start()
-    auth.configure_curve(domain="*", location=str(Path(curve_dir) / "authorized"))
-    sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(Path(curve_dir) / "server.key_secret")
-    sock.curve_server = True
-    return auth
+    try:
+        auth.configure_curve_callback(domain="*", credentials_provider=keys)
+        sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(Path(curve_dir) / "server.key_secret")
+        sock.curve_server = True
+    except Exception:
+        auth.stop()
+        raise
+    return auth, keys
 
 
 def connect_curve(sock: zmq.Socket, curve_dir):

@@ -2,11 +2,15 @@
 
 import subprocess
 import sys
+import time
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
+import torch
 
+from splitkit import TrunkUnavailable
+from splitkit import protocol as P
 from splitkit.sessions import Limits
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -103,3 +107,69 @@ def test_trunk_server_refuses_a_negative_limit(caplog):
     from trunk_server import main
     assert main(["--model", "tiny-llama", "--cuts", "2", "4", "--states-total", "-1", "--session-idle", "-5"]) == 2
     assert "limits cannot be negative: states_total, session_idle_s" in caplog.text
+
+
+def keys(capsys, folder, *args) -> str:
+    """python -m splitkit keys FOLDER ARGS, in this process; what it printed."""
+    from splitkit.__main__ import main
+    assert main(["keys", str(folder), *args]) == 0, capsys.readouterr().err
+    return capsys.readouterr().out
+
+
+def served_until_refused(c, h1, within_s: float = 15.0):
+    """Forward h1 until the server stops answering this client (each try waits its timeout); the error."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            c.forward(h1)
+        except TrunkUnavailable as e:
+            return e
+        assert time.monotonic() < deadline, "the withdrawn key was still served"
+        time.sleep(0.2)
+
+
+def test_keys_command_issues_and_withdraws_a_students_key_on_a_running_server(tmp_path, capsys, llama, serve,
+                                                                               client):
+    folder, cuts, h1 = tmp_path / "class", (2, 4), torch.zeros(1, 2, llama.config.hidden_size)
+    keys(capsys, folder)
+    out = keys(capsys, folder, "--add", "alice", "--add", "bob")
+    assert f"key pair in {folder / 'students' / 'alice'}/" in out and f"{folder / 'authorized' / 'bob.key'}" in out
+    assert {p.name for p in (folder / "students" / "alice").iterdir()} == {"client.key_secret", "server.key"}
+    assert "authorized in" in (listed := keys(capsys, folder, "--list")) and "alice, bob, client" in listed
+    address = serve(llama, cuts, curve_dir=folder)
+    alice, bob = (client(address, timeout=2, retries=0, curve_dir=folder / "students" / name)
+                  for name in ("alice", "bob"))
+    for c in (alice, bob):
+        c.hello(llama, cuts, mode=P.FULL)
+        assert c.forward(h1).shape == h1.shape
+    out = keys(capsys, folder, "--remove", "alice")
+    assert "alice: withdrawn" in out and "no restart needed" in out
+    assert not (folder / "authorized" / "alice.key").exists() and "alice" not in keys(capsys, folder, "--list")
+    # no restart: alice is refused on the connection she has open, then on a new one; bob goes on
+    assert "and keys" in str(served_until_refused(alice, h1))
+    with pytest.raises(TrunkUnavailable):
+        alice.stats()
+    assert bob.forward(h1).shape == h1.shape
+    assert client(address, timeout=2, retries=0, curve_dir=folder / "students" / "bob").stats()["sessions"] >= 1
+    # a student added while the server runs gets in, within a few of its handshakes' retries
+    keys(capsys, folder, "--add", "carol")
+    carol = client(address, timeout=2, retries=3, curve_dir=folder / "students" / "carol")
+    assert carol.hello(llama, cuts, mode=P.FULL)["ok"] and carol.forward(h1).shape == h1.shape
+
+
+def test_keys_command_says_what_is_wrong(tmp_path, capsys):
+    from splitkit.__main__ import main
+    folder = tmp_path / "class"
+    steps = [(["--add", "alice"], "no server key"), (None, None), (["--add", "alice"], None),
+             (["--add", "alice"], "alice has a key already"), (["--remove", "dave"], "dave is not authorized"),
+             (["--add", "../x"], "a student's name is"), (["--remove", "alice"], None)]
+    for args, message in steps:
+        if args is None:
+            keys(capsys, folder)
+        elif message is None:
+            keys(capsys, folder, *args)
+        else:
+            assert main(["keys", str(folder), *args]) == 2
+            assert message in capsys.readouterr().err
+    assert keys(capsys, folder, "--list").strip().endswith(": client")
+    assert not (tmp_path / "x.key").exists() and not (folder / "x.key").exists()
