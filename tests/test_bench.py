@@ -81,3 +81,21 @@ def test_network_bench_measures_each_rate_or_says_why_not(tmp_path):
         assert [r[0] for r in rows] == ["loopback", "50 Mbit/s", "MB on the wire per step"]
     assert "(1.00×)" in rows[0][2]  # loopback float32 is the reference
     assert float(rows[-1][3]) < 0.6 * float(rows[-1][2])  # float16 halves the tensors' bytes
+
+
+def test_privacy_bench_measures_each_defence_against_its_attacks(tmp_path):
+    text = run("privacy.py", "--model", "tiny-llama", "--cuts", "2", "4", "--depths", "1", "--steps", "2",
+               "--seeds", "2", "--sentences", "2", "--fit-tokens", "512", "--only", "none", "cut depth",
+               "h1 clip + noise", "dL/dh2 clip + noise", "--sweep-cuts", "1", "3", out=tmp_path)
+    rows = {(r[0], r[1]): r for r in table(text)}
+    assert set(rows) == {("none", "-"), ("cut depth", "a = 1"), *(("h1 clip + noise", f"SNR {s}") for s in
+                                                                 ("16", "4", "1", "0.25")),
+                         *(("dL/dh2 clip + noise", f"z = {z}") for z in ("0", "0.1", "0.3", "1"))}
+    pct = lambda cell: float(cell.split("%")[0]) / 100  # noqa: E731
+    assert pct(rows[("none", "-")][7]) == 1.0  # the white-box search reads the tiny model's sentences whole
+    assert pct(rows[("h1 clip + noise", "SNR 0.25")][7]) < pct(rows[("h1 clip + noise", "SNR 16")][7])
+    assert rows[("h1 clip + noise", "SNR 4")][3] == "2" and rows[("none", "-")][3] == "1"  # seeds where noise enters
+    assert any(r[-1] == "yes" for r in rows.values())
+    assert (tmp_path / "privacy.png").stat().st_size > 10_000
+    sweep = table((tmp_path / "privacy-cuts.md").read_text())
+    assert [r[0] for r in sweep] == ["1", "3"] and all(r[1] == "100%" and r[2] == "2/2" for r in sweep)

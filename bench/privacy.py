@@ -1,0 +1,264 @@
+"""The privacy–utility trade-off: each defence at several settings, against the attacks of a server that knows the
+public weights and the defence.
+
+For each setting a `full` client trains LoRA on the kit's 16 facts for a fixed budget, through a curious server
+(splitkit.privacy.CuriousServer) that keeps what it receives. Then:
+- utility: the task's loss on the 16 facts (training) and on 16 facts it never saw (held out), and exact match on
+  the 16, all through the client's parts with its defence on;
+- the input: the client sends the private sentences (splitkit.privacy.SENTENCES) through its trained Bottom and
+  its defence; the server reads them back with the white-box search through the public Bottom (it knows the
+  defence, not the client's LoRA) and with the learned inversion refitted through the defence (adaptive);
+  tokens read back exactly, and secrets (splitkit.privacy.SECRETS) read back whole;
+- the labels: from the last step's dL/dh2 the server picks each row's answer among the task's 16 possible ones
+  (splitkit.attacks.answer_match, under the public Top);
+- the cost: the median step time against no defence's, side by side in the same run.
+Where noise enters, each setting runs with several seeds and the table gives medians (and the range).
+
+    python bench/privacy.py            # writes bench/results/privacy.md and privacy.png
+"""
+
+import argparse
+import statistics
+import time
+from dataclasses import replace
+from itertools import islice
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import torch
+
+from _common import RESULTS, write_table
+from splitkit import Learner, load_model
+from splitkit.attacks import answer_match, linear_read, secrets_recovered, whitebox_sentences
+from splitkit.data import batches, encode, facts
+from splitkit.defences import Defence
+from splitkit.models import SMOLLM2
+from splitkit.privacy import SECRETS, SENTENCES, CuriousServer, encode_sentences, fit_inversions
+from splitkit.split import Bottom, split_model
+from splitkit.train import criterion, evaluate
+
+
+def settings(h1_bound: float, g2_bound: float, a: int, depths) -> list[tuple[str, str, int, Defence]]:
+    """(defence, setting, first cut, Defence) for every row of the table."""
+    rows = [("none", "-", a, Defence())]
+    rows += [("cut depth", f"a = {c}", c, Defence()) for c in depths if c != a]
+    rows += [("h1 clip + noise", f"SNR {snr:g}", a, Defence(h1_clip=h1_bound, h1_snr=snr)) for snr in (16, 4, 1, 0.25)]
+    rows += [("NoPeek", f"λ = {lam:g}", a, Defence(nopeek=lam)) for lam in (1, 10, 100)]
+    rows += [("dL/dh2 clip + noise", f"z = {z:g}", a, Defence(g2_clip=g2_bound, g2_noise=z)) for z in (0, 0.1, 0.3, 1)]
+    rows += [("max-norm alignment", "-", a, Defence(g2_maxnorm=True))]
+    return rows
+
+
+def noisy(defence: Defence) -> bool:
+    return defence.h1_snr is not None or bool(defence.g2_noise) or defence.g2_maxnorm
+
+
+@torch.no_grad()
+def bounds(model, tokenizer, cuts) -> tuple[float, float]:
+    """The clipping bounds, from the untrained model on the task: the 90th percentile of h1's token norms, and
+    the median of dL/dh2's row norms."""
+    bottom, trunk, top = split_model(model, cuts)
+    batch = encode(tokenizer, facts())
+    h1 = bottom(batch["input_ids"])
+    h2 = trunk(h1).requires_grad_(True)
+    with torch.enable_grad():
+        (g2,) = torch.autograd.grad(criterion(top(h2), batch["labels"]), h2)
+    return float(h1.norm(dim=-1).flatten().quantile(0.9)), float(g2.flatten(1).norm(dim=1).median())
+
+
+def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args, public) -> dict:
+    server = CuriousServer(model, (a, b), bind="tcp://127.0.0.1:*")
+    address = server.start()
+    pairs, held_out = facts(), facts("animal")
+    answers = [tokenizer(ans, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+               for ans in sorted({ans for _, ans in pairs})]
+    try:
+        with Learner(model, mode="full", cuts=(a, b), address=address, lr=args.lr,
+                     defence=replace(defence, seed=seed)) as learner:
+            data, seconds = batches(tokenizer, pairs, 8, seed=seed), []
+            for _ in range(args.steps):
+                batch = next(data)
+                server.seen.clear()
+                t0 = time.perf_counter()
+                learner.step(batch)
+                seconds.append(time.perf_counter() - t0)
+            train_loss, exact = evaluate(learner, tokenizer, pairs)
+            held_loss, _ = evaluate(learner, tokenizer, held_out)
+            # the labels: the last step's dL/dh2, and the h2 the server computed for it
+            (h1_seen,), (g2_seen,) = server.seen[0][1], server.seen[1][1]
+            bottom, trunk, top = public[a]
+            h2 = trunk(h1_seen)
+            prompts = [int((row != -100).nonzero()[0, 0]) for row in batch["labels"]]
+            truth = [_which(answers, row, p) for row, p in zip(batch["labels"], prompts, strict=True)]
+            picked = answer_match(top, h2, g2_seen, prompts, answers)
+            labels = sum(x == y for x, y in zip(picked, truth, strict=True)) / len(truth)
+            # the input: the private sentences through the client's trained Bottom and its defence
+            ids, mask = encode_sentences(tokenizer, SENTENCES[:args.sentences])
+            with torch.no_grad():
+                sent = learner.guard.h1(learner.bottom(ids))
+        inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=defence if defence.on else None)[a]
+        read = whitebox_sentences(model, bottom, sent, mask, inversion=inversion, defence=defence,
+                                  budget=args.budget)
+        linear = linear_read(model, sent, inversion, mask)
+        secrets, texts = SECRETS[:args.sentences], SENTENCES[:args.sentences]
+        return {"train": train_loss, "held": held_loss, "exact": exact, "labels": labels,
+                "whitebox": float(((read == ids) & mask).sum() / mask.sum()),
+                "secrets": sum(secrets_recovered(tokenizer, texts, secrets, ids, read)) / len(secrets),
+                "linear": float(((linear == ids) & mask).sum() / mask.sum()),
+                "step_s": statistics.median(seconds[1:])}
+    finally:
+        server.stop()
+
+
+def _which(answers, row, start) -> int:
+    """The index of the answer whose tokens the labels hold from `start`."""
+    return next(i for i, ans in enumerate(answers) if row[start:start + len(ans)].tolist() == ans)
+
+
+def pareto(points) -> list[int]:
+    """Indices of the points that no other point beats on both: lower attack success and higher utility."""
+    return [i for i, (x, y) in enumerate(points)
+            if not any((x2 <= x and y2 >= y) and (x2 < x or y2 > y) for x2, y2 in points)]
+
+
+def fmt(values, pct=True) -> str:
+    med = statistics.median(values)
+    text = f"{med:.0%}" if pct else f"{med:.2f}"
+    if len(values) > 1 and min(values) != max(values):
+        text += f" ({min(values):.0%}–{max(values):.0%})" if pct else f" ({min(values):.2f}–{max(values):.2f})"
+    return text
+
+
+def sweep(model, tokenizer, b: int, args) -> tuple[list[list], float]:
+    """The white-box search at each first cut, on the base weights and after training: one `local` run (LoRA on
+    every block, whose gradients equal full+trunk's at any cut) gives the trained Bottom at every cut at once."""
+    ids, mask = encode_sentences(tokenizer, SENTENCES[:args.sentences])
+    texts, secrets = SENTENCES[:args.sentences], SECRETS[:args.sentences]
+    local = Learner(model, mode="local", cuts=(1, b), lr=args.lr)
+    for batch in islice(batches(tokenizer, facts(), 8, seed=0), args.steps):
+        local.step(batch)
+    _, exact = evaluate(local, tokenizer, facts())
+    with torch.no_grad():
+        states = {"base": model(input_ids=ids, output_hidden_states=True).hidden_states,
+                  "trained": local.model(input_ids=ids, output_hidden_states=True).hidden_states}
+    inversions = fit_inversions(model, args.sweep_cuts, n_tokens=args.fit_tokens)
+    rows = []
+    for a in args.sweep_cuts:
+        bottom, row = Bottom(model, a), [a]
+        for name, budget in (("base", args.sweep_budget), ("trained", args.budget)):
+            t0 = time.perf_counter()
+            read = whitebox_sentences(model, bottom, states[name][a], mask, inversion=inversions[a], budget=budget)
+            row += [f"{float(((read == ids) & mask).sum() / mask.sum()):.0%}",
+                    f"{sum(secrets_recovered(tokenizer, texts, secrets, ids, read))}/{len(texts)}",
+                    f"{time.perf_counter() - t0:.0f}"]
+        rows.append(row)
+        print("sweep", row, flush=True)
+    return rows, exact
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=SMOLLM2)
+    p.add_argument("--cuts", nargs=2, type=int, default=(10, 20))
+    p.add_argument("--steps", type=int, default=24, help="training steps of 8 facts (the fixed budget)")
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--seeds", type=int, default=3, help="seeds for each setting where noise enters")
+    p.add_argument("--sentences", type=int, default=6, help="private sentences the server reads back")
+    p.add_argument("--budget", type=int, default=320, help="white-box candidates per position at most")
+    p.add_argument("--fit-tokens", type=int, default=6144, help="random tokens the inversions are fitted on")
+    p.add_argument("--depths", nargs="*", type=int, default=[1, 4, 15], help="other first cuts, undefended")
+    p.add_argument("--sweep-cuts", nargs="*", type=int, default=list(range(1, 16)),
+                   help="first cuts of the white-box sweep (none: no sweep)")
+    p.add_argument("--sweep-budget", type=int, default=1344, help="white-box candidates per position in the sweep, "
+                                                                  "on the base weights")
+    p.add_argument("--only", nargs="*", help="run only these defences (names as in the table)")
+    p.add_argument("--out", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    torch.manual_seed(0)
+    model, tokenizer = load_model(args.model)
+    a, b = args.cuts
+    h1_bound, g2_bound = bounds(model, tokenizer, (a, b))
+    rows_spec = [r for r in settings(h1_bound, g2_bound, a, args.depths) if not args.only or r[0] in args.only]
+    public = {c: (Bottom(model, c), *split_model(model, (c, b))[1:]) for c in {r[2] for r in rows_spec}}
+    results, baseline_s = [], None
+    for name, setting, cut, defence in rows_spec:
+        runs = [one_run(model, tokenizer, cut, b, defence, seed, args, public)
+                for seed in range(args.seeds if noisy(defence) else 1)]
+        if name == "none":
+            baseline_s = statistics.median(r["step_s"] for r in runs)
+        results.append((name, setting, cut, runs))
+        print(name, setting, {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}, flush=True)
+    points = [(statistics.median(r["whitebox"] for r in runs), statistics.median(r["exact"] for r in runs))
+              for *_, runs in results]
+    front = set(pareto(points))
+    label_points = [(statistics.median(r["labels"] for r in runs), y) for (*_, runs), (_, y) in zip(results, points,
+                                                                                                  strict=True)]
+    table = []
+    for i, (name, setting, cut, runs) in enumerate(results):
+        col = {k: [r[k] for r in runs] for k in runs[0]}
+        table.append([name, setting, cut, len(runs), fmt(col["train"], False), fmt(col["held"], False),
+                      fmt(col["exact"]), fmt(col["whitebox"]), fmt(col["secrets"]), fmt(col["linear"]),
+                      fmt(col["labels"]),
+                      f"{statistics.median(col['step_s']) / baseline_s:.2f}×" if baseline_s else "-",
+                      "yes" if i in front else ""])
+    notes = f"""
+{args.model}, cuts ({a}, {b}) unless the row says otherwise, `full` mode, {args.steps} steps of 8 of the kit's 16
+facts at lr {args.lr}. h1 clipping bound {h1_bound:.1f} (the 90th percentile of h1's token norms on the task,
+untrained), dL/dh2 clipping bound {g2_bound:.2e} (the median row norm at step 0). Seeds: {args.seeds} where noise
+enters (median, range in brackets), else 1. The white-box search tries at most {args.budget} candidates per
+position, in the order of the refitted inversion, then keeps the nearest; it reads {args.sentences} private sentences.
+"Pareto" marks the settings that no other beats on both white-box token recovery (lower) and exact match
+(higher). Step time is the median step against the undefended run's in the same run.
+"""
+    columns = ["defence", "setting", "a", "seeds", "train loss", "held-out loss", "exact match", "white-box tokens",
+               "secrets", "adaptive inversion tokens", "labels (answer match)", "step time", "Pareto"]
+    write_table("privacy", "Privacy against utility: each defence against the attacks that know it", columns, table,
+                notes, out=args.out)
+    figure(results, points, label_points, args.out / "privacy.png")
+    if args.sweep_cuts:
+        rows, exact = sweep(model, tokenizer, b, args)
+        write_table("privacy-cuts", "The white-box search at each first cut, on the base weights and after training",
+                    ["a", "base: tokens", "base: secrets", "base: s", "trained: tokens", "trained: secrets",
+                     "trained: s"], rows, f"""
+{args.model}, {args.sentences} private sentences. "base": h1 from the public Bottom (a client at step 0), at most
+{args.sweep_budget} candidates per position. "trained": h1 from a Bottom whose LoRA trained {args.steps} steps of 8
+facts at lr {args.lr} (exact match {exact:.0%} on the 16 facts; trained as `local`, LoRA on every block, which gives
+the gradients of `full+trunk` at any cut, so one run gives the trained Bottom of every cut), at most {args.budget}
+candidates per position; the server searches through the public Bottom, not knowing the LoRA. s: seconds the
+search took on this machine.
+""", out=args.out)
+
+
+def figure(results, points, label_points, path: Path):
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    colours = {}
+    for (name, setting, _, runs), (x, y) in zip(results, points, strict=True):
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        labels = statistics.median(r["labels"] for r in runs)
+        for ax, xv in zip(axes, (x, labels), strict=True):  # noqa: B007
+            ax.scatter(xv, y, color=colour, label=name if ax is axes[0] and setting == next(
+                s for n, s, *_ in results if n == name) else None, s=40)
+            ax.annotate(setting, (xv, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for ax, plane in zip(axes, (points, label_points), strict=True):
+        xs = sorted(plane[i] for i in pareto(plane))
+        ax.step([p[0] for p in xs], [p[1] for p in xs], where="post", color="black", lw=1, ls="--",
+                label="Pareto front")
+    axes[0].set(xlabel="tokens the white-box server reads back", ylabel="exact match on the task",
+                title="The input: utility against what the server reads")
+    axes[1].set(xlabel="rows whose answer the server reads from dL/dh2", ylabel="exact match on the task",
+                title="The labels: utility against what the server reads")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.set_xlim(-0.05, 1.05)
+        ax.set_ylim(-0.05, 1.05)
+    axes[0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print("wrote", path)
+
+
+if __name__ == "__main__":
+    main()
