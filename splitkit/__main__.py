@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from . import data
+from .client import REQUEST_RETRIES, REQUEST_TIMEOUT, TrunkError
 from .datafiles import DataError, Dataset, load_data, perplexity, text_batches
 from .export import save_adapter
 from .generation import exact_match
@@ -70,7 +71,8 @@ def cmd_train(args) -> int:
         server = TrunkServer(model, args.cuts, bind="tcp://127.0.0.1:*")
         address = server.start()
         print(f"started a trunk server for blocks [{args.cuts[0]}, {args.cuts[1]}) on {address}")
-    learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr)
+    learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr, curve_dir=args.curve_dir,
+                      timeout=args.timeout, retries=args.retries)  # local: the client options go unused
     try:
         print("before:", evaluate(learner, tokenizer, dataset))
         history = train(learner, stream, args.steps)
@@ -136,6 +138,13 @@ def main(argv=None) -> int:
     pt.add_argument("--model", default=SMOLLM2, help=f"{', '.join(MODELS)}, a model folder, or a cached hub id")
     pt.add_argument("--cuts", nargs=2, type=int, default=(10, 20), metavar=("A", "B"))
     pt.add_argument("--address", help=f"trunk server to use (default: ${TRUNK_ENV}, else start one here)")
+    pt.add_argument("--curve-dir", help="the folder of keys your teacher gave you (server.key and client.key_secret: "
+                                        "`python -m splitkit keys DIR --add NAME` made it); none on loopback")
+    pt.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
+                    help="seconds to wait for each answer of the trunk server (default: %(default)s)")
+    pt.add_argument("--retries", type=int, default=REQUEST_RETRIES,
+                    help="times a request is sent again after a timeout; then the run stops with an error naming "
+                         "the server (default: %(default)s)")
     pt.add_argument("--data", help="a .jsonl or .csv file of prompt/answer pairs, or a .txt file of plain text")
     pt.add_argument("--held-out", type=float, default=0.2, help="share of --data kept aside (default: %(default)s)")
     pt.add_argument("--chunk", type=int, default=64, help="tokens per example of a text file (default: %(default)s)")
@@ -154,7 +163,7 @@ def main(argv=None) -> int:
         if args.command == "keys":
             return cmd_keys(args)
         return cmd_train(args)
-    except (ModelUnavailable, DataError, TypeError, ValueError) as e:
+    except (ModelUnavailable, DataError, TrunkError, TypeError, ValueError) as e:  # TrunkError: no server, or refused
         print(f"error: {e}", file=sys.stderr)
         return 2
 

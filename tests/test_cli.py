@@ -62,6 +62,19 @@ def test_train_command_names_the_bad_line_of_a_data_file(tmp_path):
     assert out.returncode == 2 and "bad.jsonl:2: needs non-empty strings" in out.stderr
 
 
+def test_train_command_without_a_server_stops_within_its_timeout_naming_the_address(tmp_path, capsys):
+    from splitkit.__main__ import main
+    from splitkit.testing import free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
+    started = time.perf_counter()
+    assert main(["train", "--model", "tiny-llama", "--cuts", "2", "4", "--address", address, "--timeout", "0.3",
+                 "--retries", "1", "--out", str(tmp_path / "out")]) == 2
+    assert time.perf_counter() - started < 10
+    err = capsys.readouterr().err
+    assert err.startswith("error: no answer from the trunk server at " + address) and "within 0.3 s, 2 tries" in err
+
+
 def test_train_help_shows_an_example_for_each_input_kind():
     out = subprocess.run([sys.executable, "-m", "splitkit", "train", "--help"], cwd=ROOT, capture_output=True,
                          text=True, timeout=60)
