@@ -7,7 +7,9 @@ For each setting a `full` client trains LoRA on the kit's 16 facts for a fixed b
   the 16, all through the client's parts with its defence on;
 - the input: the client sends the private sentences (splitkit.privacy.SENTENCES) through its trained Bottom and
   its defence; the server reads them back with the white-box search through the public Bottom (it knows the
-  defence, not the client's LoRA) and with the learned inversion refitted through the defence (adaptive);
+  defence, not the client's LoRA; against NoPeek, which acts through training, it searches through a shadow
+  Bottom it trained the same way on other facts of the same kind) and with the learned inversion refitted
+  through the defence (adaptive);
   tokens read back exactly, and secrets (splitkit.privacy.SECRETS) read back whole;
 - the labels: from the last step's dL/dh2 the server picks each row's answer among the task's 16 possible ones
   (splitkit.attacks.answer_match, under the public Top);
@@ -32,7 +34,7 @@ import torch
 
 from _common import RESULTS, write_table
 from splitkit import Learner, load_model
-from splitkit.attacks import answer_match, linear_read, secrets_recovered, whitebox_sentences
+from splitkit.attacks import answer_match, linear_read, secrets_recovered, shadow_bottom, whitebox_sentences
 from splitkit.data import batches, encode, facts
 from splitkit.defences import Defence
 from splitkit.models import SMOLLM2
@@ -100,6 +102,9 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
             with torch.no_grad():
                 sent = learner.guard.h1(learner.bottom(ids))
         inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=defence if defence.on else None)[a]
+        if defence.nopeek:  # it acts through training: the attacker trains a shadow Bottom the same way
+            bottom = shadow_bottom(model, tokenizer, (a, b), replace(defence, seed=seed + 100), args.steps, args.lr,
+                                   facts("animal"), seed=seed + 1)
         read = whitebox_sentences(model, bottom, sent, mask, inversion=inversion, defence=defence,
                                   budget=args.budget)
         linear = linear_read(model, sent, inversion, mask)
@@ -175,6 +180,7 @@ def main(argv=None):
     p.add_argument("--sweep-budget", type=int, default=1344, help="white-box candidates per position in the sweep, "
                                                                   "on the base weights")
     p.add_argument("--only", nargs="*", help="run only these defences (names as in the table)")
+    p.add_argument("--name", default="privacy", help="the table's file name in --out")
     p.add_argument("--out", type=Path, default=RESULTS)
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -215,9 +221,9 @@ position, in the order of the refitted inversion, then keeps the nearest; it rea
 """
     columns = ["defence", "setting", "a", "seeds", "train loss", "held-out loss", "exact match", "white-box tokens",
                "secrets", "adaptive inversion tokens", "labels (answer match)", "step time", "Pareto"]
-    write_table("privacy", "Privacy against utility: each defence against the attacks that know it", columns, table,
+    write_table(args.name, "Privacy against utility: each defence against the attacks that know it", columns, table,
                 notes, out=args.out)
-    figure(results, points, label_points, args.out / "privacy.png")
+    figure(results, points, label_points, args.out / f"{args.name}.png")
     if args.sweep_cuts:
         rows, exact = sweep(model, tokenizer, b, args)
         write_table("privacy-cuts", "The white-box search at each first cut, on the base weights and after training",

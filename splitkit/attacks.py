@@ -13,6 +13,9 @@ What each attacker knows (the threat model of notebook 06 and the README):
                       ranking in growing chunks, to the whole vocabulary or a budget, then keeps the nearest.
   adaptive inversion  the public weights and the defence with its setting: the linear inversion of
                       `privacy.fit_inversions`, refitted on h1 that went through the same defence.
+  shadow Bottom       against a defence that acts through training (NoPeek): the recipe and data of the same
+                      kind; it trains a Bottom of its own the same way (`shadow_bottom`) and runs the white-box
+                      search through it instead of the public one.
   label attacks       the public Top and h2 (the server computed it). `privacy.label_probe` reads labels from
                       dL/dh2 over the whole vocabulary, assuming the client's Top is the public one;
                       `answer_match` knows the data distribution too (the task's possible answers and where
@@ -31,8 +34,11 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
+from .data import batches
 from .defences import Defence, clip_rows
-from .train import criterion
+from .lora import LoraSpec
+from .server import TrunkServer
+from .train import Learner, criterion
 
 
 def _ranking(model, h1, inversion):  # (T, d) -> (T, vocab) token ids, best first
@@ -81,6 +87,22 @@ def whitebox_search(model, bottom, h1, *, inversion=None, defence: Defence | Non
         dist[t], explained[t] = math.sqrt(best_sq) / float(target.norm()), best_sq <= allowed
         bottom(ids[t].view(1, 1), position_ids=torch.tensor([[t]]), past_key_values=cache)  # the prefix grows
     return {"ids": ids, "distance": dist, "explained": explained, "tried": tried}
+
+
+def shadow_bottom(model, tokenizer, cuts, defence: Defence, steps: int, lr: float, pairs, seed: int = 1):
+    """A Bottom trained the way the client trains its own, on data of the same kind that the attacker has
+    (`pairs`), with the same defence and recipe but its own LoRA init and data order: what an attacker who knows
+    a defence that acts through training (NoPeek) searches through instead of the public Bottom."""
+    server = TrunkServer(model, cuts, bind="tcp://127.0.0.1:*")
+    try:
+        with Learner(model, mode="full", cuts=cuts, address=server.start(), lr=lr, lora=LoraSpec(seed=seed),
+                     defence=defence) as shadow:
+            data = batches(tokenizer, pairs, 8, seed=seed)
+            for _ in range(steps):
+                shadow.step(next(data))
+            return shadow.bottom
+    finally:
+        server.stop()
 
 
 def _next_h1(bottom, cache, candidates, t: int):  # -> (k, d): h1 at t of each candidate after the prefix
