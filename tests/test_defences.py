@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from splitkit import Learner, LoraSpec, load_model
-from splitkit.attacks import answer_match, secret_positions, whitebox_search, whitebox_sentences
+from splitkit.attacks import answer_match, secret_positions, shadow_bottom, whitebox_search, whitebox_sentences
+from splitkit.data import batches, facts
 from splitkit.defences import Defence, clip_rows, distance_correlation
 from splitkit.lora import lora_grads, unsplit_reference
 from splitkit.privacy import SENTENCES, encode_sentences, fit_inversions
@@ -238,3 +239,23 @@ def test_answer_match_reads_the_answers_from_dL_dh2(tiny_llama):
     x = h2.clone().requires_grad_(True)
     criterion(top(x), labels).backward()
     assert answer_match(top, h2, x.grad, [len(p) for p in prompts], answers) == truth
+
+
+def test_a_shadow_bottom_trained_with_the_clients_recipe_is_the_clients_bottom(tiny_llama, serve):
+    """NoPeek acts through training: the attacker who knows the recipe trains a Bottom of its own the same way. With
+    the client's very data, init and order it gets the client's Bottom, bit for bit, and reads through it exactly."""
+    model, tokenizer = tiny_llama
+    defence = Defence(nopeek=10.0)
+    with Learner(model, mode="full", cuts=CUTS, address=serve(model, CUTS), lr=3e-3, lora=LoraSpec(seed=1),
+                 defence=defence) as client:
+        data = batches(tokenizer, facts(), 8, seed=1)
+        for _ in range(3):
+            client.step(next(data))
+        ids, _ = encode_sentences(tokenizer, SENTENCES[:1])
+        with torch.no_grad():
+            sent = client.bottom(ids)[0]
+    shadow = shadow_bottom(model, tokenizer, CUTS, defence, 3, 3e-3, facts(), seed=1)
+    with torch.no_grad():
+        assert torch.equal(shadow(ids)[0], sent)
+    assert torch.equal(whitebox_search(model, shadow, sent)["ids"], ids[0])
+    assert not bool(whitebox_search(model, Bottom(model, CUTS[0]), sent, budget=64)["explained"].all())
