@@ -309,7 +309,8 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
             for line in s["session_list"] if line["id"] == mine]
     assert session_gone is not None and state_gone is not None, "carol's session was never swept"
     print(f"carol killed holding {max(held, default='?')} forward state(s): her state swept {state_gone:.1f} s and "
-          f"her session {session_gone:.1f} s after her hanging forward was answered (limits {STATE_MAX_AGE} s, {SESSION_IDLE} s)")
+          f"her session {session_gone:.1f} s after her hanging forward was answered (limits {STATE_MAX_AGE} s, "
+          f"{SESSION_IDLE} s)")
     assert session_gone <= SESSION_IDLE + 5 and state_gone <= STATE_MAX_AGE + 3
     assert dave.finish() == 2
     dave_s = dave.ended - dave.started
