@@ -127,6 +127,8 @@ client_app = ClientApp()
 @client_app.train()
 def _train(msg: Message, context: Context) -> Message:
     config = {**DEFAULTS, **dict(msg.content["config"])}
+    if context.node_config.get("curve-dir"):  # this SuperNode's own key (a student's folder) over the run's
+        config["curve-dir"] = str(context.node_config["curve-dir"])
     partition, partitions = int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
     model, tokenizer = _model(config["model"])
     pairs = shard(task(int(config["facts"])), partition, partitions)
@@ -227,6 +229,10 @@ def make_server_app(config: dict | None = None, strategy: SplitFedAvg | None = N
                               evaluate_fn=scored)
         if out is not None:
             out.update(strategy=chosen, result=result)
+        if settings.get("save-rounds"):  # a file: every round's average and metrics, for a run under `flwr run`
+            torch.save([{"number": r.number, "average": r.average, "metrics": r.metrics}
+                        for r in getattr(chosen, "rounds", [])],
+                       settings["save-rounds"])
 
     return app
 
