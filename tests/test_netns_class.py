@@ -9,6 +9,7 @@ Needs root, `ip` and `tc` (skipped without). All traffic stays in the namespaces
 bridge in the teacher's namespace), which are deleted at the end with every process started in them.
 """
 
+import contextlib
 import json
 import os
 import shlex
@@ -54,6 +55,8 @@ def doc_argv(command: str) -> list[str]:
     """The argv of a command of docs/classroom.md: `python` is this interpreter, trunk_server.py the checkout's."""
     assert command in DOC, f"docs/classroom.md lacks the command the test runs: {command}"
     argv = shlex.split(command)
+    if argv[0] != "python":  # flower-superlink, flower-supernode, flwr: the environment's
+        argv[0] = str(Path(sys.executable).parent / argv[0])
     return [sys.executable if a == "python" else str(ROOT / a) if a == "trunk_server.py" else a for a in argv]
 
 
@@ -73,12 +76,13 @@ def delete_namespaces():
 class Proc:
     """A process in a namespace; its stdout's JSON lines collected by a thread as they come, stderr in a file."""
 
-    def __init__(self, where: str, argv: list, cwd: Path, log: Path):
+    def __init__(self, where: str, argv: list, cwd: Path, log: Path, env: dict | None = None):
         self.argv, self.log, self.lines, self.text = argv, log, [], []
         self.started = time.monotonic()
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.process = subprocess.Popen(["ip", "netns", "exec", ns(where), *argv], cwd=cwd, env=env,
-                                        stdout=subprocess.PIPE, stderr=log.open("w"), text=True)
+                                        stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
+                                        start_new_session=True)  # a group of its own: its children die with it
         self.ended = None
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -112,17 +116,18 @@ class Proc:
         return self.log.read_text() if self.log.exists() else ""
 
     def kill(self):
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-            self.process.wait(10)
+        """SIGKILL to the process and to what it started (Flower's processes start others)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
 
 
 class Classroom:
     def __init__(self, tmp: Path):
         self.tmp, self.procs = tmp, []
 
-    def start(self, where: str, argv: list, cwd: Path | None = None, name: str = "proc") -> Proc:
-        proc = Proc(where, argv, cwd or self.tmp, self.tmp / f"{name}-{len(self.procs)}.log")
+    def start(self, where: str, argv: list, cwd: Path | None = None, name: str = "proc", env=None) -> Proc:
+        proc = Proc(where, argv, cwd or self.tmp, self.tmp / f"{name}-{len(self.procs)}.log", env)
         self.procs.append(proc)
         return proc
 
@@ -211,17 +216,25 @@ def keys_command(command: str, capsys) -> str:
     return capsys.readouterr().out
 
 
+def start_class(room: Classroom, capsys, monkeypatch) -> tuple[Path, Path, Proc]:
+    """The teacher's keys (a key for alice, bob and carol; erin's issued and withdrawn) and the trunk server, once
+    per module: (the teacher's folder, classkeys, the server)."""
+    if not hasattr(room, "server"):
+        room.teacher = room.tmp / "teacher"
+        room.teacher.mkdir()
+        monkeypatch.chdir(room.teacher)
+        for command in (KEYS, ADD, REMOVE):
+            keys_command(command, capsys)
+        listed = keys_command(LIST, capsys)
+        assert "alice, bob, carol, client" in listed and "erin" not in listed
+        room.server = room.start("teacher", doc_argv(SERVER), cwd=room.teacher, name="server")
+    return room.teacher, room.teacher / "classkeys", room.server
+
+
 def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teachers_view(classroom, capsys,
                                                                                          monkeypatch):
     room, tmp = classroom, classroom.tmp
-    teacher = tmp / "teacher"
-    teacher.mkdir()
-    monkeypatch.chdir(teacher)
-    for command in (KEYS, ADD, REMOVE):
-        keys_command(command, capsys)
-    listed = keys_command(LIST, capsys)
-    assert "alice, bob, carol, client" in listed and "erin" not in listed
-    keys = teacher / "classkeys"
+    teacher, keys, server = start_class(room, capsys, monkeypatch)
     go = {phase: tmp / f"go-{phase}" for phase in ("solo-alice", "solo-bob", "together", "slow")}
     hang, stop = tmp / "carol-hangs", tmp / "stop-watching"
 
@@ -231,7 +244,6 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
                             *[str(go[phase]) for phase in phases], name=who)
 
     # every process starts at once (each loads torch and the model); the runs wait for the test's go-files
-    server = room.start("teacher", doc_argv(SERVER), cwd=teacher, name="server")
     view = room.student("alice", "--curve-dir", str(keys), "--watch", str(stop), name="view")  # the teacher's key
     alice = student("alice", 1, ("solo-alice", "together", "slow"))
     bob = student("bob", 2, ("solo-bob", "together", "slow"))
@@ -273,7 +285,7 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
         time.sleep(0.01)
     hang.touch()
     hung = carol.wait_for("hanging", timeout=60)["t"]
-    carol.kill()
+    carol.process.send_signal(signal.SIGKILL)
     killed = time.monotonic()
     for who, proc in (("alice", alice), ("bob", bob)):
         losses, lora = trained(proc, 2, tmp / who)
@@ -336,3 +348,68 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
           f"at the end {last['sessions']} sessions and {last['states']} forward states")
     assert most >= 3 and samples[-1]["requests"] > 6 * 2 * STEPS
     assert not any("error" in s for s in view.lines)
+
+
+# Flower across the machines: the SuperLink on the teacher's, a SuperNode on alice's and on bob's, each with her key
+SUPERLINK = "flower-superlink --insecure --disable-runtime-dependency-installation --host 10.231.9.1"
+SUPERNODES = {"alice": 'flower-supernode --insecure --superlink 10.231.9.1:8000 --node-config '
+                       '"partition-id=0 num-partitions=2 curve-dir=\'alice\'"',
+              "bob": 'flower-supernode --insecure --superlink 10.231.9.1:8000 --node-config '
+                     '"partition-id=1 num-partitions=2 curve-dir=\'bob\'"'}
+FLWR_RUN = "flwr run flower class --stream"
+FLOWER_CONFIG = {"address": '"tcp://10.231.9.1:5555"', "model": '"tiny-llama"', "cuts": '"2,4"', "clients": "2",
+                 "rounds": "2", "local-steps": "2", "facts": "8"}
+
+
+def test_flower_rounds_across_machines_average_as_the_simulation_does(classroom, capsys, monkeypatch, serve, llama):
+    from splitkit import federated as F
+    from splitkit.testing import max_rel_diff
+
+    room, tmp = classroom, classroom.tmp
+    teacher, keys, server = start_class(room, capsys, monkeypatch)
+    home = tmp / "flwr-home"  # the teacher's ~/.flwr: where `flwr run` finds the SuperLink by name
+    home.mkdir()
+    toml = DOC[DOC.index("[superlink]"):]
+    (home / "config.toml").write_text(toml[:toml.index("```")])
+    app = (ROOT / "flower" / "pyproject.toml").read_text()
+    lines = []
+    for line in app.splitlines():
+        key = line.split("=")[0].strip()
+        lines.append(f"{key} = {FLOWER_CONFIG[key]}" if key in FLOWER_CONFIG and "=" in line else line)
+    saved = tmp / "flower-rounds.pt"
+    (teacher / "flower").mkdir()
+    (teacher / "flower" / "pyproject.toml").write_text("\n".join(lines + [f'save-rounds = "{saved}"', ""]))
+    env = {"FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    started = time.monotonic()
+    link = room.start("teacher", doc_argv(SUPERLINK), cwd=teacher, name="superlink", env=env)
+    for who, command in SUPERNODES.items():
+        machine = tmp / f"{who}-flower"
+        shutil.copytree(keys / "students" / who, machine / who)
+        room.start(who, doc_argv(command), cwd=machine, name=f"supernode-{who}", env=env)
+    deadline = time.monotonic() + 120
+    while True:  # the SuperLink answers `flwr run` once it is up
+        run = room.start("teacher", doc_argv(FLWR_RUN), cwd=teacher, name="flwr-run", env=env)
+        assert run.finish(400) == 0 or time.monotonic() < deadline, run.stderr()[-3000:]
+        if saved.exists() or "Connection refused" not in "".join(run.text) + run.stderr():
+            break
+        time.sleep(2)
+    assert saved.exists(), "".join(run.text)[-3000:] + link.stderr()[-3000:]
+    flower = torch.load(saved)
+    flower_s = time.monotonic() - started
+    assert [r["number"] for r in flower] == [1, 2] and all(sorted(r["metrics"]) == [0, 1] for r in flower)
+
+    # the same run under Flower's simulation engine, in this process, against a trunk server on loopback
+    config = {k: v.strip('"') for k, v in FLOWER_CONFIG.items()}
+    config = {**config, "address": serve(llama, [2, 4]), "cuts": [2, 4], "clients": 2, "rounds": 2,
+              "local-steps": 2, "facts": 8}
+    started = time.monotonic()
+    simulated = F.run(config, clients=2)["strategy"].rounds
+    sim_s = time.monotonic() - started
+    gaps = [max_rel_diff(r["average"], s.average) for r, s in zip(flower, simulated, strict=True)]
+    losses = [[(r["metrics"][k]["loss-first"], r["metrics"][k]["loss-last"]) for k in (0, 1)] for r in flower]
+    print(f"\nflwr run across the namespaces: {len(flower)} rounds in {flower_s:.0f} s (start-up included); the "
+          f"simulation: {sim_s:.0f} s; largest relative gap of each round's average, Flower against the simulation: "
+          f"{gaps}; clients' (first, last) losses per round: {losses}")
+    assert all(r["average"].keys() == s.average.keys() for r, s in zip(flower, simulated, strict=True))
+    assert max(gaps) < 1e-6  # (0.0 when measured: the same LoRA bit for bit)
+    assert server.process.poll() is None
