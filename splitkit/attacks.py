@@ -37,8 +37,9 @@ from transformers import DynamicCache
 from .data import batches
 from .defences import Defence, clip_rows
 from .lora import LoraSpec
+from .privacy import top_logits
 from .server import TrunkServer
-from .train import Learner, criterion
+from .train import Learner
 
 
 def _ranking(model, h1, inversion):  # (T, d) -> (T, vocab) token ids, best first
@@ -52,11 +53,13 @@ def _ranking(model, h1, inversion):  # (T, d) -> (T, vocab) token ids, best firs
 
 @torch.no_grad()
 def whitebox_search(model, bottom, h1, *, inversion=None, defence: Defence | None = None, shortlist: int = 64,
-                    budget: int | None = None, rtol: float = 1e-3) -> dict:
+                    budget: int | None = None, rtol: float = 1e-3, margin: float | None = None) -> dict:
     """Recover one sentence's tokens from its h1 (T, d) through the public `bottom` (split.Bottom of the base
     model). `inversion`: a (d, d) map from `privacy.fit_inversions` that ranks the candidates (None: h1 itself);
     `shortlist`: the first chunk of candidates; `budget`: candidates tried at most per position (None: the whole
-    vocabulary). Returns {"ids": (T,), "distance": (T,) relative, "explained": (T,) bool, "tried": (T,)}."""
+    vocabulary); `margin`: also stop going down the ranking once the nearest candidate is nearer than `margin`
+    times the second nearest (for a Bottom whose LoRA the attacker does not know, where nothing is explained).
+    Returns {"ids": (T,), "distance": (T,) relative, "explained": (T,) bool, "tried": (T,)}."""
     defence = defence or Defence()
     T, d = h1.shape
     vocab = model.config.vocab_size
@@ -70,18 +73,21 @@ def whitebox_search(model, bottom, h1, *, inversion=None, defence: Defence | Non
         target = h1[t]  # (d,)
         # what rounding (rtol) and the defence's noise (d·σ², with 4 standard deviations of its spread) explain
         allowed = (rtol * target.norm()) ** 2 + d * sigma ** 2 * (1 + 4 * math.sqrt(2 / d))
-        best, best_sq, start, chunk = -1, math.inf, 0, shortlist
+        best, best_sq, second_sq, start, chunk = -1, math.inf, math.inf, 0, shortlist
         while start < budget:
             candidates = ranking[t, start:min(start + chunk, budget)]  # (k,)
             out = _next_h1(bottom, cache, candidates, t)  # (k, d)
             if defence.h1_clip is not None:
                 out = clip_rows(out, defence.h1_clip, dims=-1)
             sq = (out - target).pow(2).sum(-1)  # (k,)
-            i = int(sq.argmin())
-            if float(sq[i]) < best_sq:
-                best, best_sq = int(candidates[i]), float(sq[i])
+            two = sq.topk(min(2, len(sq)), largest=False)
+            for value, i in zip(two.values.tolist(), two.indices.tolist(), strict=True):
+                if value < best_sq:
+                    best, best_sq, second_sq = int(candidates[i]), value, best_sq
+                elif value < second_sq:
+                    second_sq = value
             start, chunk = start + len(candidates), chunk * 4
-            if best_sq <= allowed:
+            if best_sq <= allowed or (margin is not None and best_sq < margin ** 2 * second_sq):
                 break
         ids[t], tried[t] = best, start
         dist[t], explained[t] = math.sqrt(best_sq) / float(target.norm()), best_sq <= allowed
@@ -158,17 +164,14 @@ def answer_match(top, h2, g2, prompt_lengths, answers) -> list[int]:
     B, T, _ = h2.shape
     picks = []
     for b in range(B):
-        rows = []
-        for answer in answers:
-            labels = torch.full((T,), -100, dtype=torch.long)
-            n = min(len(answer), T - prompt_lengths[b])
-            labels[prompt_lengths[b]:prompt_lengths[b] + n] = torch.tensor(answer[:n])
-            rows.append(labels)
-        labels = torch.stack(rows)  # (A, T)
+        start = prompt_lengths[b]
+        positions = list(range(start - 1, min(start - 1 + max(map(len, answers)), T - 1)))  # logits that predict
         x = h2[b:b + 1].detach().expand(len(answers), -1, -1).clone().requires_grad_(True)  # (A, T, d)
         with torch.enable_grad():
-            logits = top(x)
-            losses = torch.stack([criterion(logits[i:i + 1], labels[i:i + 1]) for i in range(len(answers))])
-            (grads,) = torch.autograd.grad(losses.sum(), x)  # row i: the dL/dh2 answer i would give
+            logits = top_logits(top, x, positions)  # (A, P, vocab): the LM head only where the answers are
+            losses = [F.cross_entropy(logits[i, :min(len(ans), len(positions))],
+                                      torch.tensor(ans[:len(positions)]), reduction="sum")
+                      for i, ans in enumerate(answers)]
+            (grads,) = torch.autograd.grad(torch.stack(losses).sum(), x)  # row i: the dL/dh2 answer i would give
         picks.append(int(F.cosine_similarity(grads.flatten(1), g2[b].flatten()[None], dim=-1).argmax()))
     return picks

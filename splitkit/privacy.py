@@ -130,7 +130,7 @@ def gradient_reach(g) -> torch.Tensor:  # (B, T, d) -> (B, T)
 # ---------------------------------------------------------------------------- the label probe
 
 
-def _top_logits(top, h, positions):  # (B, t, d) -> (B, len(positions), vocab)
+def top_logits(top, h, positions):  # (B, t, d) -> (B, len(positions), vocab)
     """The Top's logits at some positions only (the LM head is the costly part)."""
     u = top.norm(top.blocks(h))[:, positions]  # (B, P, d)
     logits = top.lm_head(u)
@@ -167,7 +167,7 @@ def _label_at(top, h, r, probes: int, verify: int, g):  # (1, t, d), (d,) -> (y,
     s = h.shape[1] - 1
     x = h.detach().requires_grad_(True)
     with torch.enable_grad():
-        logits = _top_logits(top, x, [s])[0, 0]  # (vocab,)
+        logits = top_logits(top, x, [s])[0, 0]  # (vocab,)
     p = logits.softmax(-1)  # the Top's own prediction at s
 
     def pull(cot):  # (vocab,) -> (t, d): J^T cot
