@@ -4,6 +4,8 @@ PY := $(VENV)/bin/python
 PORT ?= 8888
 NOTEBOOKS ?= notebooks
 LAB_ARGS ?=
+# extra pytest arguments for make test, e.g. PYTEST_ARGS=--durations=0
+PYTEST_ARGS ?=
 # Debian's Chromium, for the browser test (tests/test_browser.py); Playwright drives it, downloads nothing
 CHROMIUM ?= /usr/bin/chromium
 ROOT_USER := $(filter 0,$(shell id -u))
@@ -30,7 +32,7 @@ lab: setup
 		$(if $(ROOT_USER),--allow-root) $(LAB_ARGS)
 
 test: setup $(CHROMIUM) lint
-	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider
+	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 # ruff, as configured in pyproject.toml: the code, the tests, the benchmarks and the notebooks
 lint: setup
