@@ -413,3 +413,11 @@ def test_flower_rounds_across_machines_average_as_the_simulation_does(classroom,
     assert all(r["average"].keys() == s.average.keys() for r, s in zip(flower, simulated, strict=True))
     assert max(gaps) < 1e-6  # (0.0 when measured: the same LoRA bit for bit)
     assert server.process.poll() is None
+
+
+def test_every_command_of_the_runbook_is_one_this_test_runs():
+    """docs/classroom.md's shell blocks hold the commands above and nothing else, so none goes untested."""
+    blocks = [block.split("```", 1)[0] for block in DOC.split("```bash\n")[1:]]
+    written = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
+    run = [KEYS, ADD, REMOVE, LIST, SERVER, CLI_TRAIN, NO_KEY, SUPERLINK, *SUPERNODES.values(), FLWR_RUN]
+    assert sorted(written) == sorted(run)
