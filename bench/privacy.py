@@ -32,7 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import torch
 
-from _common import RESULTS, write_table
+from _common import RESULTS, in_turns, timed_step, write_table
 from splitkit import Learner, load_model
 from splitkit.attacks import answer_match, linear_read, secrets_recovered, shadow_bottom, whitebox_sentences
 from splitkit.data import batches, encode, facts
@@ -164,6 +164,34 @@ def sweep(model, tokenizer, b: int, args) -> tuple[list[list], float]:
     return rows, exact
 
 
+def overhead(model, tokenizer, cuts, h1_bound: float, g2_bound: float, args) -> list[list]:
+    """Seconds per training step with each kind of defence against none, side by side: one learner each on one
+    server, the same batch, steps in turns (so that the machine's drift falls on every variant alike)."""
+    variants = {"none": Defence(), "h1 clip + noise (SNR 1)": Defence(h1_clip=h1_bound, h1_snr=1.0),
+                "NoPeek (λ = 10)": Defence(nopeek=10.0), "dL/dh2 clip + noise (z = 0.3)":
+                    Defence(g2_clip=g2_bound, g2_noise=0.3), "max-norm alignment": Defence(g2_maxnorm=True)}
+    server = CuriousServer(model, cuts, bind="tcp://127.0.0.1:*")
+    address = server.start()
+    batch = encode(tokenizer, facts()[:8])
+    learners = {name: Learner(model, mode="full", cuts=cuts, address=address, lr=args.lr, defence=d)
+                for name, d in variants.items()}
+    seconds = {name: [] for name in variants}
+    try:
+        for rep in range(args.overhead_reps + 1):
+            for name in in_turns(variants, rep):
+                server.seen.clear()
+                _, s, _ = timed_step(learners[name], batch)
+                if rep:  # the first round warms up
+                    seconds[name].append(s)
+    finally:
+        for learner in learners.values():
+            learner.close()
+        server.stop()
+    base = statistics.median(seconds["none"])
+    return [[name, f"{1000 * statistics.median(v):.0f}", f"{1000 * min(v):.0f}–{1000 * max(v):.0f}",
+             f"{statistics.median(v) / base:.2f}×"] for name, v in seconds.items()]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=SMOLLM2)
@@ -179,6 +207,8 @@ def main(argv=None):
                    help="first cuts of the white-box sweep (none: no sweep)")
     p.add_argument("--sweep-budget", type=int, default=1344, help="white-box candidates per position in the sweep, "
                                                                   "on the base weights")
+    p.add_argument("--overhead-reps", type=int, default=10, help="timed steps per defence in the overhead table")
+    p.add_argument("--overhead-only", action="store_true", help="write only the step-time overhead table")
     p.add_argument("--only", nargs="*", help="run only these defences (names as in the table)")
     p.add_argument("--name", default="privacy", help="the table's file name in --out")
     p.add_argument("--out", type=Path, default=RESULTS)
@@ -187,6 +217,14 @@ def main(argv=None):
     model, tokenizer = load_model(args.model)
     a, b = args.cuts
     h1_bound, g2_bound = bounds(model, tokenizer, (a, b))
+    if args.overhead_reps:
+        write_table("privacy-overhead", "Step time with each defence, side by side", ["defence", "median ms",
+                    "range ms", "against none"], overhead(model, tokenizer, (a, b), h1_bound, g2_bound, args), f"""
+{args.model}, cuts ({a}, {b}), `full`, a step of 8 facts; {args.overhead_reps} steps each, one learner per defence on
+one server, in turns after a round of warm-up. Median and range over the steps.
+""", out=args.out)
+    if args.overhead_only:
+        return
     rows_spec = [r for r in settings(h1_bound, g2_bound, a, args.depths) if not args.only or r[0] in args.only]
     public = {c: (Bottom(model, c), *split_model(model, (c, b))[1:]) for c in {r[2] for r in rows_spec}}
     results, baseline_s = [], None

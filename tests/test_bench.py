@@ -97,5 +97,7 @@ def test_privacy_bench_measures_each_defence_against_its_attacks(tmp_path):
     assert rows[("h1 clip + noise", "SNR 4")][3] == "2" and rows[("none", "-")][3] == "1"  # seeds where noise enters
     assert any(r[-1] == "yes" for r in rows.values())
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
+    overhead = table((tmp_path / "privacy-overhead.md").read_text())
+    assert [r[0] for r in overhead][0] == "none" and len(overhead) == 5 and overhead[0][3] == "1.00×"
     sweep = table((tmp_path / "privacy-cuts.md").read_text())
     assert [r[0] for r in sweep] == ["1", "3"] and all(r[1] == "100%" and r[2] == "2/2" for r in sweep)
