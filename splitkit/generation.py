@@ -92,7 +92,7 @@ class _Run:
         if self.learner.mode == LOCAL:
             return self.learner.model(input_ids=ids, past_key_values=self.caches[0], use_cache=self.cache,
                                       **parts).logits
-        h1 = self.learner.bottom(ids, past_key_values=self.caches[0], **parts)  # (B, T, d)
+        h1 = self.learner.guard.h1(self.learner.bottom(ids, past_key_values=self.caches[0], **parts))  # (B, T, d)
         client = self.learner.client
         if self.cache:
             h2 = client.infer(h1, self.gen, start, self.pad, self._prefix if self.sent else None)

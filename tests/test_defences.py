@@ -259,3 +259,41 @@ def test_a_shadow_bottom_trained_with_the_clients_recipe_is_the_clients_bottom(t
         assert torch.equal(shadow(ids)[0], sent)
     assert torch.equal(whitebox_search(model, shadow, sent)["ids"], ids[0])
     assert not bool(whitebox_search(model, Bottom(model, CUTS[0]), sent, budget=64)["explained"].all())
+
+
+def test_generation_sends_h1_through_the_defence_and_is_unchanged_without_one(tiny_llama, serve):
+    from splitkit.generation import generate_ids
+
+    model, tokenizer = tiny_llama
+    address = serve(model, CUTS)
+    prompt = torch.tensor([tokenizer("Q: a fact?\nA:", add_special_tokens=False).input_ids])
+    tokens, sent = {}, {}
+    for name, defence in {"none": None, "off": Defence(seed=3), "clipped": Defence(h1_clip=0.05)}.items():
+        with Learner(model, mode="full", cuts=CUTS, address=address, lora=SPEC, defence=defence,
+                     log_tensors=True) as learner:
+            tokens[name] = generate_ids(learner, prompt, max_new_tokens=5)
+            sent[name] = [t for m in learner.client.messages if m["op"] == "infer" for t in m["tensors"]]
+    assert torch.equal(tokens["off"], tokens["none"]) and len(sent["clipped"]) == 5  # the prompt, then 4 tokens
+    assert all(torch.equal(a, b) for a, b in zip(sent["off"], sent["none"], strict=True))
+    assert all(float(h.norm(dim=-1).max()) <= 0.05 * (1 + 1e-5) for h in sent["clipped"])
+    assert float(sent["none"][0].norm(dim=-1).min()) > 0.05  # so the bound did clip
+
+
+def test_answer_match_reads_answers_of_several_tokens(tiny_llama):
+    model, tokenizer = tiny_llama
+    _, trunk, top = split_model(model, CUTS)
+    words = [" dark red and gold", " blue", " pale sea green", " teal"]
+    answers = [tokenizer(w, add_special_tokens=False).input_ids + [0] for w in words]
+    assert min(map(len, answers)) < 8 < max(map(len, answers))  # byte tokens: 5 to 16 tokens each
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in ["Q: one?\nA:", "Q: two?\nA:", "Q: 3?\nA:"]]
+    truth = [0, 2, 1]
+    rows = [p + answers[t] for p, t in zip(prompts, truth, strict=True)]
+    T = max(map(len, rows))
+    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
+    labels = torch.tensor([[-100] * len(p) + answers[t] + [-100] * (T - len(p) - len(answers[t]))
+                           for p, t in zip(prompts, truth, strict=True)])
+    with torch.no_grad():
+        h2 = trunk(Bottom(model, CUTS[0])(ids))
+    x = h2.clone().requires_grad_(True)
+    criterion(top(x), labels).backward()
+    assert answer_match(top, h2, x.grad, [len(p) for p in prompts], answers) == truth
