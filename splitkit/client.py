@@ -236,15 +236,15 @@ class _RemoteTrunkFunction(torch.autograd.Function):
     """h2 = Trunk(h1) on the server; backward sends dL/dh2 and returns the server's dL/dh1."""
 
     @staticmethod
-    def forward(ctx, h1, client):
-        ctx.client, ctx.key = client, client.new_key()
+    def forward(ctx, h1, client, pad):
+        ctx.client, ctx.key, ctx.pad = client, client.new_key(), pad
         ctx.save_for_backward(h1)  # kept for the stateless fallback
-        return client.forward(h1, key=ctx.key)  # (B, T, d)
+        return client.forward(h1, key=ctx.key, pad=pad)  # (B, T, d)
 
     @staticmethod
     def backward(ctx, g2):
         (h1,) = ctx.saved_tensors
-        return ctx.client.backward(g2.contiguous(), ctx.key, h1), None  # dL/dh1, nothing for client
+        return ctx.client.backward(g2.contiguous(), ctx.key, h1, pad=ctx.pad), None, None  # dL/dh1 only
 
 
 class RemoteTrunk(nn.Module):
@@ -254,11 +254,11 @@ class RemoteTrunk(nn.Module):
         super().__init__()
         self.client, self.train_trunk = client, train_trunk
 
-    def forward(self, h1):  # (B, T, d) -> (B, T, d)
+    def forward(self, h1, pad: list | None = None):  # (B, T, d) -> (B, T, d); pad: each row's left padding
         if not torch.is_grad_enabled():
-            return self.client.forward(h1)
+            return self.client.forward(h1, pad=pad)
         if not h1.requires_grad:
             if not self.train_trunk:
-                return self.client.forward(h1)
+                return self.client.forward(h1, pad=pad)
             h1 = h1.detach().requires_grad_(True)  # a = 0: only the trunk LoRA needs the backward
-        return _RemoteTrunkFunction.apply(h1, self.client)
+        return _RemoteTrunkFunction.apply(h1, self.client, pad)

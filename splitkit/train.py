@@ -21,7 +21,7 @@ from .data import encode
 from .defences import Defence, Guard
 from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
 from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
-from .split import check_cuts, split_model
+from .split import check_cuts, left_padding, split_model
 
 
 def criterion(logits, labels):
@@ -117,21 +117,24 @@ class Learner:
             opt.zero_grad(set_to_none=True)
 
     def forward_backward(self, batch) -> torch.Tensor:
-        """One forward and backward pass; the gradients are left in .grad. Returns the loss."""
+        """One forward and backward pass; the gradients are left in .grad. Returns the loss. A batch may carry an
+        `attention_mask` of left padding (as generation makes it): the parts mask it, and the Trunk's pad crosses
+        the wire with the forward (and the stateless fallback's backward)."""
         input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T), (B, T)
+        pad, parts = _left_padding(batch.get("attention_mask"))  # None, {} for a batch without a mask
         if self.mode == LOCAL:
-            loss = criterion(self.model(input_ids=input_ids).logits, labels)
+            loss = criterion(self.model(input_ids=input_ids, **parts).logits, labels)
             loss.backward()
             return loss
-        h1 = self.bottom(input_ids)  # (B, T, d)
+        h1 = self.bottom(input_ids, **parts)  # (B, T, d)
         self.penalty = self.guard.penalty(self.bottom.tokens, input_ids, h1)  # None unless NoPeek is on
         h1 = self.guard.h1(h1)  # what is sent: h1 itself, unless a defence clips or noises it
         if self.mode == DETACH:  # the simplified version, as written
-            h2 = self.client.forward(h1.detach())  # (B, T, d): a new tensor with no history
+            h2 = self.client.forward(h1.detach(), pad=pad)  # (B, T, d): a new tensor with no history
             h2 = h2.requires_grad_(True)  # a new leaf: backward stops here
         else:
-            h2 = self.guard.h2(self.trunk(h1))  # (B, T, d), differentiable through the server
-        logits = self.top(h2)  # (B, T, vocab)
+            h2 = self.guard.h2(self.trunk(h1, pad=pad))  # (B, T, d), differentiable through the server
+        logits = self.top(h2, **parts)  # (B, T, vocab)
         loss = criterion(logits, labels)  # the task's loss, the one returned
         objective = loss if self.penalty is None else loss + self.penalty
         if objective.requires_grad:  # False only when nothing before the loss trains (cuts (0, n), not full+trunk)
@@ -200,6 +203,18 @@ def evaluate(learner: Learner, tokenizer, pairs) -> tuple[float, float]:
     labels = batch["labels"]
     hit = (logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == -100)  # (B, T - 1)
     return float(criterion(logits, labels)), float(hit.all(dim=1).float().mean())
+
+
+def _left_padding(attention_mask) -> tuple[list | None, dict]:
+    """(each row's left padding, the parts' attention_mask and position_ids) for a left-padded batch, as
+    generation masks it; (None, {}) without a mask. A mask that is not 0s then 1s in each row is refused."""
+    if attention_mask is None:
+        return None, {}
+    pad = (attention_mask == 0).sum(dim=1)  # (B,)
+    mask, positions = left_padding(pad, 0, attention_mask.shape[1])
+    if not torch.equal(mask, attention_mask.to(mask.dtype)):
+        raise ValueError("a batch's attention_mask must be left padding: each row 0s, then 1s")
+    return pad.tolist(), {"attention_mask": mask, "position_ids": positions}
 
 
 def _check_defence(defence: Defence | None, mode: str):

@@ -6,7 +6,11 @@ import pytest
 import torch
 
 from splitkit import Learner, load_model
+from splitkit.lora import lora_grads, unsplit_reference
+from splitkit.sessions import Limits
+from splitkit.split import left_padding
 from splitkit.testing import max_rel_diff, random_batch, reference_grads, rel_diff
+from splitkit.train import criterion
 
 from .conftest import RTOL
 
@@ -113,3 +117,46 @@ def test_local_and_full_trunk_train_alike(tiny, serve, spec):
     assert norms_split.keys() == norms_local.keys()
     for k in norms_local:
         assert abs(norms_split[k] - norms_local[k]) <= 1e-3 * norms_local[k] + 1e-7, k
+
+
+def left_padded_batch(vocab: int) -> dict:
+    """Three rows of 12, 9 and 6 tokens, left-padded to 12, with the mask generation uses; labels on the real tokens."""
+    batch = random_batch(vocab, batch=3, seq=12, seed=4, prompt=0)
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, :3], mask[2, :6] = 0, 0
+    batch["input_ids"][mask == 0] = 0
+    batch["labels"][mask == 0] = -100
+    return {**batch, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("mode, keep", [("full", 4), ("full+trunk", 4), ("full", 0)])
+def test_a_left_padded_batch_trains_as_the_unsplit_model_masks_it(tiny, serve, spec, mode, keep):
+    """The pad crosses the wire with the forward (and the fallback's backward): the split's gradients equal those
+    of the unsplit model given the same attention mask and positions."""
+    model, _ = tiny
+    cuts = (2, 4)
+    batch = left_padded_batch(model.config.vocab_size)
+    address = serve(model, cuts, limits=Limits(states_per_session=keep))
+    learner, got = split_grads(model, cuts, spec, batch, mode, address)
+    ref = unsplit_reference(copy.deepcopy(model), cuts, spec, train_trunk=mode == "full+trunk")
+    mask, positions = left_padding([0, 3, 6], 0, 12)
+    criterion(ref(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits,
+              batch["labels"]).backward()
+    want = lora_grads(ref)
+    assert_grads_match(got, want)
+    sent = [m for m in learner.client.messages if m["op"] in ("forward", "backward")]
+    assert [m["op"] for m in sent][:2] == ["forward", "backward"]
+    if mode == "full+trunk":
+        assert_grads_match(serve.servers[-1].sessions.lora_grads(learner.client.session), want)
+    unmasked = reference_grads(model, cuts, spec, {k: batch[k] for k in ("input_ids", "labels")},
+                               train_trunk=mode == "full+trunk")
+    assert max_rel_diff(got, unmasked) > 1e-3  # the mask mattered: without it the gradients differ
+    learner.close()
+
+
+def test_a_batch_whose_mask_is_not_left_padding_is_refused(llama, serve, spec):
+    batch = left_padded_batch(llama.config.vocab_size)
+    batch["attention_mask"][0, 5] = 0  # a hole in the middle of row 0
+    with Learner(llama, mode="full", cuts=(2, 4), address=serve(llama, (2, 4)), lora=spec) as learner, \
+            pytest.raises(ValueError, match="left padding"):
+        learner.forward_backward(batch)
