@@ -223,12 +223,16 @@ def test_secret_positions_cover_the_secret(tiny_llama):
     assert len(positions) < len(ids)
 
 
-def test_answer_match_reads_the_answers_from_dL_dh2(tiny_llama):
+@pytest.mark.parametrize("words, prompts, truth", [
+    (["red", "blue", "green", "teal"], ["Q: one?\nA:", "Q: second one?\nA:"], [2, 0]),
+    (["dark red and gold", "blue", "pale sea green", "teal"], ["Q: one?\nA:", "Q: two?\nA:", "Q: 3?\nA:"], [0, 2, 1]),
+], ids=["one word", "several tokens"])
+def test_answer_match_reads_the_answers_from_dL_dh2(tiny_llama, words, prompts, truth):
+    """Answers of one word and of 5 to 16 byte tokens: answer_match names each row's from dL/dh2 alone."""
     model, tokenizer = tiny_llama
     _, trunk, top = split_model(model, CUTS)
-    answers = [tokenizer(f" {w}", add_special_tokens=False).input_ids + [0] for w in ["red", "blue", "green", "teal"]]
-    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in ["Q: one?\nA:", "Q: second one?\nA:"]]
-    truth = [2, 0]
+    answers = [tokenizer(f" {w}", add_special_tokens=False).input_ids + [0] for w in words]
+    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
     rows = [p + answers[t] for p, t in zip(prompts, truth, strict=True)]
     T = max(map(len, rows))
     ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
@@ -277,23 +281,3 @@ def test_generation_sends_h1_through_the_defence_and_is_unchanged_without_one(ti
     assert all(torch.equal(a, b) for a, b in zip(sent["off"], sent["none"], strict=True))
     assert all(float(h.norm(dim=-1).max()) <= 0.05 * (1 + 1e-5) for h in sent["clipped"])
     assert float(sent["none"][0].norm(dim=-1).min()) > 0.05  # so the bound did clip
-
-
-def test_answer_match_reads_answers_of_several_tokens(tiny_llama):
-    model, tokenizer = tiny_llama
-    _, trunk, top = split_model(model, CUTS)
-    words = [" dark red and gold", " blue", " pale sea green", " teal"]
-    answers = [tokenizer(w, add_special_tokens=False).input_ids + [0] for w in words]
-    assert min(map(len, answers)) < 8 < max(map(len, answers))  # byte tokens: 5 to 16 tokens each
-    prompts = [tokenizer(p, add_special_tokens=False).input_ids for p in ["Q: one?\nA:", "Q: two?\nA:", "Q: 3?\nA:"]]
-    truth = [0, 2, 1]
-    rows = [p + answers[t] for p, t in zip(prompts, truth, strict=True)]
-    T = max(map(len, rows))
-    ids = torch.tensor([r + [0] * (T - len(r)) for r in rows])
-    labels = torch.tensor([[-100] * len(p) + answers[t] + [-100] * (T - len(p) - len(answers[t]))
-                           for p, t in zip(prompts, truth, strict=True)])
-    with torch.no_grad():
-        h2 = trunk(Bottom(model, CUTS[0])(ids))
-    x = h2.clone().requires_grad_(True)
-    criterion(top(x), labels).backward()
-    assert answer_match(top, h2, x.grad, [len(p) for p in prompts], answers) == truth
