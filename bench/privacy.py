@@ -279,12 +279,11 @@ search took on this machine.
 def figure(results, points, label_points, path: Path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     colours = {}
-    for (name, setting, _, runs), (x, y) in zip(results, points, strict=True):
+    for (name, setting, _, _), (x, y), (labels, _) in zip(results, points, label_points, strict=True):
+        first = name not in colours  # the legend names each defence once
         colour = colours.setdefault(name, f"C{len(colours)}")
-        labels = statistics.median(r["labels"] for r in runs)
-        for ax, xv in zip(axes, (x, labels), strict=True):  # noqa: B007
-            ax.scatter(xv, y, color=colour, label=name if ax is axes[0] and setting == next(
-                s for n, s, *_ in results if n == name) else None, s=40)
+        for ax, xv in zip(axes, (x, labels), strict=True):
+            ax.scatter(xv, y, color=colour, label=name if first and ax is axes[0] else None, s=40)
             ax.annotate(setting, (xv, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
     for ax, plane in zip(axes, (points, label_points), strict=True):
         xs = sorted(plane[i] for i in pareto(plane))

@@ -42,13 +42,13 @@ from .server import TrunkServer
 from .train import Learner
 
 
-def _ranking(model, h1, inversion):  # (T, d) -> (T, vocab) token ids, best first
-    """Each position's vocabulary, ordered by the cosine between h1 @ inversion and the embeddings, both
-    centred on the embeddings' mean (plain cosine ranks a cluster of rare tokens near the mean first)."""
+def _scores(model, h1, inversion):  # (T, d) -> (T, vocab)
+    """Each position's cosine between h1 @ inversion and every embedding, both centred on the embeddings' mean
+    (plain cosine ranks a cluster of rare tokens near the mean first)."""
     table = model.get_input_embeddings().weight  # (vocab, d)
     mean = table.mean(0)
     h = h1 if inversion is None else h1 @ inversion
-    return (F.normalize(h - mean, dim=-1) @ F.normalize(table - mean, dim=-1).T).argsort(dim=-1, descending=True)
+    return F.normalize(h - mean, dim=-1) @ F.normalize(table - mean, dim=-1).T
 
 
 @torch.no_grad()
@@ -64,7 +64,7 @@ def whitebox_search(model, bottom, h1, *, inversion=None, defence: Defence | Non
     T, d = h1.shape
     vocab = model.config.vocab_size
     budget = vocab if budget is None else min(budget, vocab)
-    ranking = _ranking(model, h1, inversion)  # (T, vocab)
+    ranking = _scores(model, h1, inversion).argsort(dim=-1, descending=True)  # (T, vocab): best first
     sigma = defence.h1_sigma(d)
     cache = DynamicCache(config=model.config)
     ids, dist, explained, tried = (torch.zeros(T, dtype=torch.long), torch.zeros(T), torch.zeros(T, dtype=torch.bool),
@@ -133,7 +133,7 @@ def whitebox_sentences(model, bottom, h1, mask, **options) -> torch.Tensor:  # (
 def linear_read(model, h1, inversion, mask) -> torch.Tensor:  # (S, T, d) -> (S, T)
     """The learned inversion's top token per position; -1 outside `mask`."""
     out = torch.full(mask.shape, -1, dtype=torch.long)
-    out[mask] = _ranking(model, h1[mask], inversion)[:, 0]
+    out[mask] = _scores(model, h1[mask], inversion).argmax(dim=-1)
     return out
 
 
