@@ -14,7 +14,7 @@ from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWar
 
 from .client import TrunkError
 from .protocol import LOCAL
-from .split import left_padding
+from .split import left_padding, padding_of
 
 
 @torch.no_grad()
@@ -24,9 +24,7 @@ def generate_ids(learner, input_ids, attention_mask=None, max_new_tokens: int = 
     """New tokens (B, ≤ max_new_tokens) for left-padded prompts (B, T); a finished row is padded with
     `pad_token_id` after its EOS. temperature 0 is greedy; `streamer` is a transformers streamer."""
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    pad = (attention_mask == 0).sum(dim=1)  # (B,) left padding of each row
-    if not torch.equal(attention_mask, left_padding(pad, 0, input_ids.shape[1])[0].to(attention_mask.dtype)):
-        raise ValueError("prompts must be left-padded: each row of attention_mask is 0s, then 1s")
+    pad = padding_of(attention_mask)  # (B,) left padding of each row
     if bool((pad == input_ids.shape[1]).any()):
         raise ValueError("every prompt needs at least one token")
     pick = _sampler(temperature, top_p, seed)

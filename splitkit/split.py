@@ -136,6 +136,14 @@ def left_padding(pad, start: int, stop: int, device=None):
     return mask, (torch.arange(start, stop, device=device)[None] - pad).clamp(min=0)  # (B, stop - start)
 
 
+def padding_of(attention_mask) -> torch.Tensor:  # (B, T) -> (B,)
+    """Each row's left padding, from an attention_mask that is 0s then 1s in each row; a ValueError otherwise."""
+    pad = (attention_mask == 0).sum(dim=1)
+    if not torch.equal(left_padding(pad, 0, attention_mask.shape[1])[0], attention_mask.long()):
+        raise ValueError("attention_mask must be left padding: each row 0s, then 1s")
+    return pad
+
+
 MASKS = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
 
 

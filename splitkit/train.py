@@ -21,7 +21,7 @@ from .data import encode
 from .defences import Defence, Guard
 from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
 from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
-from .split import check_cuts, left_padding, split_model
+from .split import check_cuts, left_padding, padding_of, split_model
 
 
 def criterion(logits, labels):
@@ -210,10 +210,8 @@ def _left_padding(attention_mask) -> tuple[list | None, dict]:
     generation masks it; (None, {}) without a mask. A mask that is not 0s then 1s in each row is refused."""
     if attention_mask is None:
         return None, {}
-    pad = (attention_mask == 0).sum(dim=1)  # (B,)
+    pad = padding_of(attention_mask)  # (B,)
     mask, positions = left_padding(pad, 0, attention_mask.shape[1])
-    if not torch.equal(mask, attention_mask.to(mask.dtype)):
-        raise ValueError("a batch's attention_mask must be left padding: each row 0s, then 1s")
     return pad.tolist(), {"attention_mask": mask, "position_ids": positions}
 
 
