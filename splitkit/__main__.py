@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from . import data
-from .client import REQUEST_RETRIES, REQUEST_TIMEOUT, TrunkError
+from .client import CURVE_ENV, REQUEST_RETRIES, REQUEST_TIMEOUT, TRUNK_ENV, TrunkError
 from .datafiles import DataError, Dataset, load_data, perplexity, text_batches
 from .export import save_adapter
 from .generation import exact_match
@@ -23,7 +23,6 @@ from .protocol import LOCAL, MODES
 from .server import TrunkServer
 from .train import Learner, train
 
-TRUNK_ENV = "SPLITKIT_TRUNK"
 TRAIN_EXAMPLES = """examples:
   the kit's task (16 made-up facts, exact match on the same facts: memorisation):
     python -m splitkit train --mode full --steps 30
@@ -139,7 +138,8 @@ def main(argv=None) -> int:
     pt.add_argument("--cuts", nargs=2, type=int, default=(10, 20), metavar=("A", "B"))
     pt.add_argument("--address", help=f"trunk server to use (default: ${TRUNK_ENV}, else start one here)")
     pt.add_argument("--curve-dir", help="the folder of keys your teacher gave you (server.key and client.key_secret: "
-                                        "`python -m splitkit keys DIR --add NAME` made it); none on loopback")
+                                        "`python -m splitkit keys DIR --add NAME` made it); none on loopback (default: "
+                                        f"${CURVE_ENV} when the address is ${TRUNK_ENV})")
     pt.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
                     help="seconds to wait for each answer of the trunk server (default: %(default)s)")
     pt.add_argument("--retries", type=int, default=REQUEST_RETRIES,

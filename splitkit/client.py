@@ -4,9 +4,12 @@ TrunkClient is the zguide's Lazy Pirate client (lpclient.py): a REQ socket, a ti
 every request, and on timeout close the socket, reconnect and resend, a bounded number of
 times, then give up with an error that says what to check. Requests carry ids, so a resent
 request that the server already ran is answered from its reply cache, not run twice.
+class_server asks the class server ($SPLITKIT_TRUNK) whether it runs the caller's model at the caller's cuts; its
+keys, if it has any, are in $SPLITKIT_CURVE_DIR.
 """
 
 import itertools
+import os
 import secrets
 from collections import deque
 from collections.abc import Callable
@@ -23,6 +26,10 @@ from .models import fingerprint
 
 REQUEST_TIMEOUT = 30.0  # seconds to wait for one reply
 REQUEST_RETRIES = 2     # resends after a timeout, each on a fresh socket
+PROBE_TIMEOUT = 10.0    # seconds the class server has to answer one `stats` before a notebook goes on without it
+
+TRUNK_ENV = "SPLITKIT_TRUNK"       # the class server's address, set before starting JupyterLab
+CURVE_ENV = "SPLITKIT_CURVE_DIR"   # the folder of keys the teacher gave, if the class server has keys
 
 
 class TrunkError(RuntimeError):
@@ -48,7 +55,10 @@ class TrunkClient:
         if wire_dtype not in wire.WIRE_DTYPES:
             raise ValueError(f"wire_dtype must be one of {', '.join(wire.WIRE_DTYPES)}")
         self.address, self.timeout, self.retries, self.wire_dtype = address, timeout, retries, wire_dtype
-        self.curve_dir = None if curve_dir is None else Path(curve_dir)
+        self.curve_dir = class_keys(address) if curve_dir is None else Path(curve_dir)
+        if self.curve_dir is not None and not all((self.curve_dir / f).is_file() for f in KEY_FILES):
+            raise ValueError(f"{self.curve_dir} is not a folder of keys: it needs {' and '.join(KEY_FILES)} (the "
+                             f"folder `python -m splitkit keys DIR --add NAME` made, DIR/students/NAME)")
         self.session = secrets.token_hex(16)
         self.bytes_sent = self.bytes_received = 0
         self.reopened = 0        # times the session was opened again on a restarted server
@@ -225,6 +235,43 @@ class TrunkClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+KEY_FILES = ("client.key_secret", "server.key")  # what a client's curve_dir holds: its key pair, the server's key
+
+
+def class_keys(address: str) -> Path | None:
+    """$SPLITKIT_CURVE_DIR when `address` is the class server's ($SPLITKIT_TRUNK): the keys a client of that server
+    uses unless it is given others. None for any other address."""
+    folder = os.environ.get(CURVE_ENV)
+    return Path(folder) if folder and address == os.environ.get(TRUNK_ENV) else None
+
+
+def class_server(model, cuts, timeout: float = PROBE_TIMEOUT) -> tuple[str | None, str]:
+    """($SPLITKIT_TRUNK, a line that says so) if that server runs the Trunk of `model` split at `cuts`; (None, why
+    not) if it is not set, does not answer one `stats` within `timeout` seconds, or runs other cuts or another model."""
+    address = os.environ.get(TRUNK_ENV)
+    if not address:
+        return None, f"${TRUNK_ENV} is not set"
+    where, cuts = f"the class server at {address}", tuple(cuts)
+    try:
+        with TrunkClient(address, timeout=timeout, retries=0) as probe:
+            stats = probe.stats()
+    except TrunkUnavailable:
+        keys = class_keys(address)
+        return None, (f"no answer from {where} within {timeout:g} s (is it running there? "
+                      + (f"are the keys in ${CURVE_ENV}={keys} authorized?)" if keys else
+                         f"if it has keys, set ${CURVE_ENV} to the folder your teacher gave you)"))
+    except (TrunkError, ValueError, OSError, zmq.ZMQError) as e:  # a refusal, an address or a key folder unusable
+        return None, f"cannot use {where}: {e}"
+    if tuple(stats["cuts"]) != cuts:
+        return None, f"{where} runs cuts {tuple(stats['cuts'])}, not {cuts}"
+    mine = fingerprint(model, cuts)
+    if stats["hidden_size"] != model.config.hidden_size or stats["fingerprint"]["config"] != mine["config"]:
+        return None, f"{where} runs another model ({stats['model']}), not {model.config.name_or_path}"
+    if stats["fingerprint"]["trunk"] != mine["trunk"]:
+        return None, f"{where} runs {stats['model']} with other weights in blocks [{cuts[0]}, {cuts[1]})"
+    return address, f"using {where} ({stats['model']}, cuts {cuts})"
 
 
 def _given(**fields) -> dict:

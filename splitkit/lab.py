@@ -1,11 +1,13 @@
 """The lab: train the modes side by side at cuts of your choice, and watch the loss and each block's LoRA move.
 
-`run_lab(model, tokenizer, LabSettings(...))` is a plain function (tests call it): it starts a trunk
-server for the cuts, trains one learner per mode on the same batches in turns, and calls `on_step`
-after each round. `lab_widget(model, tokenizer)` wraps it in ipywidgets with Train and Stop buttons,
-a progress bar, plots redrawn as it trains, and a table of what was measured at the end.
+`run_lab(model, tokenizer, LabSettings(...))` is a plain function (tests call it): it uses the class server
+($SPLITKIT_TRUNK) if that runs the model at the lab's cuts, else starts a trunk server for the cuts, trains one
+learner per mode on the same batches in turns, and calls `on_step` after each round. `lab_widget(model,
+tokenizer)` wraps it in ipywidgets with Train and Stop buttons, a progress bar, plots redrawn as it trains, and a
+table of what was measured at the end.
 """
 
+import html
 import io
 import statistics
 import threading
@@ -20,7 +22,7 @@ from . import data
 from .generation import exact_match
 from .lora import LoraSpec
 from .plots import LOSS_LABEL, PART_COLOURS, layer_changes
-from .server import TrunkServer
+from .server import class_or_own
 from .split import split_model
 from .train import History, Learner, record_step
 
@@ -49,6 +51,7 @@ class LabResult:
     histories: dict = field(default_factory=dict)
     exact_match: dict = field(default_factory=dict)  # mode -> (train, held-out)
     stopped: bool = False
+    trunk: str = ""  # which trunk server the run used, and why (splitkit.server.class_or_own's line)
 
     def rows(self) -> list[dict]:
         """One row a mode: bytes per step (the client's counters), seconds per step, ΔW of the Bottom, exact match."""
@@ -71,8 +74,8 @@ def run_lab(model, tokenizer, settings: LabSettings, on_step=None, stop: threadi
     held, trained = facts[:settings.held_out], facts[settings.held_out:]
     lora = LoraSpec(r=settings.r, lora_alpha=2 * settings.r, target_modules=tuple(settings.targets))
     result = LabResult(settings)
-    server = TrunkServer(model, settings.cuts, bind="tcp://127.0.0.1:*")
-    address = server.start()
+    trunk = class_or_own(model, settings.cuts, say=None)  # the class server if it runs these cuts, else one of our own
+    result.trunk, address = trunk.line, trunk.address
     learners = {}
     try:
         for mode in settings.modes:
@@ -94,7 +97,7 @@ def run_lab(model, tokenizer, settings: LabSettings, on_step=None, stop: threadi
     finally:
         for learner in learners.values():
             learner.close()
-        server.stop()
+        trunk.stop()
     return result
 
 
@@ -137,7 +140,8 @@ def format_rows(result: LabResult) -> str:
     body = "".join("<tr>" + "".join(f"<td>{_fmt(k, v)}</td>" for k, v in row.items()) + "</tr>" for row in rows)
     note = " (stopped)" if result.stopped else ""
     return (f"<table class='splitkit-lab'><tr>{head}</tr>{body}</table><p>cuts {result.settings.cuts}{note}; "
-            f"bytes/step and s/step are medians over the steps, from the client's counters and clock</p>")
+            f"bytes/step and s/step are medians over the steps, from the client's counters and clock; "
+            f"{html.escape(result.trunk, quote=False)}</p>")
 
 
 def _fmt(key: str, value) -> str:

@@ -6,16 +6,17 @@ kept, so a retried request is answered again, never run twice. docs/protocol.md 
 """
 
 import logging
-import os
 import random
 import threading
 import time
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 
 from . import protocol as P
 from . import wire
+from .client import PROBE_TIMEOUT, class_server
 from .endpoint import Endpoint, rss_bytes
 from .faults import Faults
 from .lora import lora_delta_norms
@@ -233,10 +234,38 @@ def _came_in(header: dict) -> str:
     return header["tensors"][0]["dtype"]
 
 
+@dataclass
+class TrunkChoice:
+    """The trunk server a notebook uses, and the line that says which and why."""
+
+    address: str
+    server: TrunkServer | None  # the one started here, in a thread; None: the class server ($SPLITKIT_TRUNK)
+    line: str
+
+    def stop(self):
+        """Stop the server started here, if one was; the class server goes on."""
+        if self.server is not None:
+            self.server.stop()
+
+
+def class_or_own(model, cuts, say=print, timeout: float = PROBE_TIMEOUT, **options) -> TrunkChoice:
+    """The class server named by $SPLITKIT_TRUNK if it runs `model` at `cuts` (asked, waiting `timeout` s at most),
+    else a new TrunkServer(model, cuts, **options) on a free loopback port in a background thread. `say` gets the
+    line that says which server and why (None: nothing is said)."""
+    address, why = class_server(model, cuts, timeout)
+    if address is not None:
+        choice = TrunkChoice(address, None, why)
+    else:
+        server = TrunkServer(model, cuts, bind="tcp://127.0.0.1:*", **options)
+        address = server.start()
+        choice = TrunkChoice(address, server, f"{why}: started a trunk server of this notebook's own on {address} "
+                                              f"(cuts {tuple(cuts)})")
+    if say is not None:
+        say(choice.line)
+    return choice
+
+
 def connect_or_start(model, cuts, **options) -> str:
-    """The trunk server a notebook should use: $SPLITKIT_TRUNK if set (a `trunk_server.py`
-    started separately), else a new TrunkServer on a free loopback port in a background thread."""
-    address = os.environ.get("SPLITKIT_TRUNK")
-    if address:
-        return address
-    return TrunkServer(model, cuts, bind="tcp://127.0.0.1:*", **options).start()
+    """class_or_own's address, its line printed: the class server if it fits, else a server started here that runs
+    until the kernel ends."""
+    return class_or_own(model, cuts, **options).address

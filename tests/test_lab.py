@@ -74,3 +74,22 @@ def test_the_widget_trains_when_train_is_clicked(tiny):
     while "splitkit-lab" not in table.value and time.monotonic() < deadline:
         time.sleep(0.1)
     assert "<td>detach</td>" in table.value and widget.children[-2].value[:4] == b"\x89PNG"
+
+
+def test_the_lab_trains_on_the_class_server_when_it_runs_the_labs_cuts(tiny, monkeypatch):
+    from splitkit import TrunkClient, TrunkServer
+
+    model, tokenizer = tiny
+    server = TrunkServer(model, (1, 5), bind="tcp://127.0.0.1:*")
+    monkeypatch.setenv("SPLITKIT_TRUNK", server.start())
+    try:
+        fits = run_lab(model, tokenizer, LabSettings(cuts=(1, 5), modes=("full",), steps=2, batch_size=4))
+        other = run_lab(model, tokenizer, LabSettings(cuts=(2, 5), modes=("full",), steps=2, batch_size=4))
+        with TrunkClient(server.address, timeout=5) as c:
+            answered = c.stats()["answered"]
+    finally:
+        server.stop()
+    assert fits.trunk == f"using the class server at {server.address} (tiny-llama, cuts (1, 5))"
+    assert other.trunk.startswith(f"the class server at {server.address} runs cuts (1, 5), not (2, 5): started")
+    assert answered["backward"] == 2 and answered["hello"] == 1  # the first run's two steps, and no more
+    assert other.trunk in format_rows(other) and len(other.histories["full"].loss) == 2
