@@ -13,6 +13,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
 from .client import TrunkError
+from .lora import Merged
 from .protocol import LOCAL
 from .split import left_padding, padding_of
 
@@ -28,24 +29,23 @@ def generate_ids(learner, input_ids, attention_mask=None, max_new_tokens: int = 
     if bool((pad == input_ids.shape[1]).any()):
         raise ValueError("every prompt needs at least one token")
     pick = _sampler(temperature, top_p, seed)
-    run = _Run(learner, pad.tolist(), cache)
     ids, step, start = input_ids, input_ids, 0  # all tokens so far; what goes in next; where it starts
     done = torch.zeros(len(ids), dtype=torch.bool)
     if streamer is not None:
         streamer.put(input_ids)
     try:
-        for _ in range(max_new_tokens):
-            logits = run(step, start)[:, -1]  # (B, vocab): the next token's
-            token = torch.where(done, pad_token_id, pick(ids, logits))  # (B,)
-            ids = torch.cat([ids, token[:, None]], dim=1)
-            if streamer is not None:
-                streamer.put(token)
-            done |= torch.isin(token, torch.tensor(_as_list(eos_token_id)))
-            if done.all():
-                break
-            step, start = (token[:, None], ids.shape[1] - 1) if cache else (ids, 0)
+        with _Run(learner, pad.tolist(), cache) as run:
+            for _ in range(max_new_tokens):
+                logits = run(step, start)[:, -1]  # (B, vocab): the next token's
+                token = torch.where(done, pad_token_id, pick(ids, logits))  # (B,)
+                ids = torch.cat([ids, token[:, None]], dim=1)
+                if streamer is not None:
+                    streamer.put(token)
+                done |= torch.isin(token, torch.tensor(_as_list(eos_token_id)))
+                if done.all():
+                    break
+                step, start = (token[:, None], ids.shape[1] - 1) if cache else (ids, 0)
     finally:
-        run.close()
         if streamer is not None:
             streamer.end()
     return ids[:, input_ids.shape[1]:]
@@ -76,13 +76,30 @@ def is_exact(answer: str, want: str) -> bool:
 
 
 class _Run:
-    """The next-token logits of one generation, through the learner's parts (or its unsplit model)."""
+    """The next-token logits of one generation, through the learner's parts (or its unsplit model). A context:
+    inside it the client's LoRA is merged into its base weights (nothing trains during a generation), and on
+    the way out, whatever happened, the weights are the very tensors they were and the server's cache is let go."""
 
     def __init__(self, learner, pad: list, cache: bool):
         self.learner, self.pad, self.cache = learner, pad, cache
         self.caches = [DynamicCache(config=learner.config) for _ in range(2)] if cache else [None, None]
         self.gen = learner.client.new_generation() if cache and learner.client else None
         self.sent = []  # the h1 of each step so far, (B, t, d) each: sent again if the server lost the Trunk's cache
+        self.merged = contextlib.ExitStack()
+
+    def __enter__(self):
+        with self.merged:  # a merge that fails leaves each part as it was
+            for part in (self.learner.model, self.learner.bottom, self.learner.top):
+                if part is not None:
+                    self.merged.enter_context(Merged(part))
+            self.merged = self.merged.pop_all()  # merged until __exit__
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            self.close()
+        finally:
+            self.merged.close()
 
     def __call__(self, ids, start: int):  # (B, T) -> logits (B, T, vocab)
         mask, positions = left_padding(self.pad, start, start + ids.shape[1])  # (B, start + T), (B, T)

@@ -133,3 +133,61 @@ def lora_delta_norms(module, adapter: str = "default") -> dict:
     with torch.no_grad():
         return {key: float(layer.get_delta_weight(adapter).norm())
                 for key, layer in lora_layers(module, adapter).items()}
+
+
+class Merged:
+    """A context in which one adapter is merged into the base weights of `module`'s LoRA layers: inside it a
+    LoRA layer computes W' x with W' = W + scaling · B A, its base layer alone without the LoRA's two small
+    matmuls, for inference (no gradient reaches the LoRA through a merged weight). Not re-entrant.
+
+    PEFT does the merge (LoraLayer.merge, which knows GPT-2's fan_in_fan_out and the scaling), into a copy of
+    each base weight; the merged copies are kept, so entering again costs no arithmetic. On the way out, after
+    an error too, each base layer gets back the very tensors it had: nothing changes by a bit, as PEFT's
+    unmerge (W + d - d in floating point) would not promise. The adapter must not change while merged: the
+    copies are of the LoRA as it was on the first entry."""
+
+    def __init__(self, module, adapter: str = "default"):
+        self.adapter, self.layers = adapter, list(lora_layers(module, adapter).values())
+        self.weights = None  # per layer, the merged tensors of its base weight (and bias), once merged
+        self._own = []  # per entered layer: [(parameter, the tensor it had)]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the merged copies (0 before the first entry)."""
+        return sum(t.nbytes for tensors in self.weights or () for t in tensors)
+
+    def __enter__(self):
+        first, merged = self.weights is None, []
+        try:
+            for i, layer in enumerate(self.layers):
+                params = _base_parameters(layer)
+                self._own.append([(p, p.data) for p in params])
+                if first:
+                    for p in params:
+                        p.data = p.data.clone()  # PEFT merges into this copy; the original is never written
+                    layer.merge(adapter_names=[self.adapter])
+                    merged.append([p.data for p in params])
+                else:
+                    for p, w in zip(params, self.weights[i], strict=True):
+                        p.data = w
+                    layer.merged_adapters.append(self.adapter)  # what layer.merge records: forward skips the LoRA
+        except BaseException:
+            self.__exit__()
+            raise
+        if first:
+            self.weights = merged
+        return self
+
+    def __exit__(self, *exc):
+        for layer, own in zip(self.layers, self._own, strict=False):  # the layers entered, all or the first few
+            for p, w in own:
+                p.data = w
+            if self.adapter in layer.merged_adapters:
+                layer.merged_adapters.remove(self.adapter)
+        self._own = []
+
+
+def _base_parameters(layer) -> list:
+    """The base layer's weight and bias (if it has one): what a merge may write."""
+    base = layer.get_base_layer()
+    return [p for p in (base.weight, getattr(base, "bias", None)) if p is not None]

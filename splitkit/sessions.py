@@ -5,6 +5,7 @@ backward), its generations' KV caches, its newest reply (to answer a retry witho
 twice) and, in full+trunk, its own LoRA adapter on the one shared Trunk, with its own optimizer.
 """
 
+import contextlib
 import copy
 import time
 import warnings
@@ -14,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .lora import LoraSpec, add_adapter, add_lora, lora_grads, lora_parameters
+from .lora import LoraSpec, Merged, add_adapter, add_lora, lora_grads, lora_parameters
 from .protocol import BUSY, CACHE_MISSING, FULL_TRUNK, STALE, Refused, lora_state
 from .split import left_padding, split_model
 
@@ -51,12 +52,15 @@ class State:
 
 @dataclass
 class Generation:
-    """One generation's Trunk KV cache: keys and values of every position so far, and each row's left padding."""
+    """One generation's Trunk KV cache: keys and values of every position so far, and each row's left padding;
+    in full+trunk, the session's Trunk LoRA merged into copies of the weights it touches, as it was at the
+    generation's start (the weights the cache was made with), put in place for each of its requests."""
 
     cache: DynamicCache
     pad: list          # (B,) left padding of each row
     length: int = 0    # positions in the cache
     seen: float = field(default_factory=time.monotonic)
+    merged: Merged | None = None
 
     @property
     def tokens(self) -> int:
@@ -209,16 +213,17 @@ class Sessions:
             raise Refused(f"a generation of {batch} x {total} positions is over this server's limit of "
                           f"{min(self.limits.max_tokens, self.limits.cached_tokens)} tokens")
         if start == 0:
-            generation = Generation(DynamicCache(config=self.config), pad if pad is not None else [0] * batch)
+            generation = Generation(DynamicCache(config=self.config), pad if pad is not None else [0] * batch,
+                                    merged=Merged(self.peft, session.adapter) if session.mode == FULL_TRUNK else None)
         elif generation is None or generation.length != start or len(generation.pad) != batch:
             have = "none" if generation is None else f"{len(generation.pad)} x {generation.length}"
             raise Refused(f"no KV cache of generation {gen} for {batch} x {start} positions here (it holds "
                           f"{have}; dropped, or the server restarted): send the whole prefix with start 0",
                           CACHE_MISSING)
         mask, positions = left_padding(generation.pad, start, total, h1.device)  # (B, start + T), (B, T)
-        with torch.no_grad():
-            h2 = self._trunk(session)(h1, attention_mask=mask, position_ids=positions,
-                                      past_key_values=generation.cache)
+        trunk = self._trunk(session)  # the session's adapter made the active one before it is merged
+        with torch.no_grad(), generation.merged or contextlib.nullcontext():  # the base weights as they were after
+            h2 = trunk(h1, attention_mask=mask, position_ids=positions, past_key_values=generation.cache)
         generation.length, generation.seen = total, time.monotonic()
         session.generations[gen] = generation  # the most recently used
         self._bound_generations(session)
@@ -235,10 +240,11 @@ class Sessions:
         return sum(g.tokens for s in self.table.values() for g in s.generations.values())
 
     def cache_bytes(self) -> int:
-        """Bytes of keys and values held in every KV cache."""
-        return sum(t.nbytes for s in self.table.values() for g in s.generations.values()
+        """Bytes of keys and values held in every KV cache, and of the merged weights of full+trunk generations."""
+        generations = [g for s in self.table.values() for g in s.generations.values()]
+        return sum(t.nbytes for g in generations
                    for layer in g.cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
-                   if isinstance(t, torch.Tensor))
+                   if isinstance(t, torch.Tensor)) + sum(g.merged.nbytes for g in generations if g.merged)
 
     def _bound_generations(self, session: Session):
         while len(session.generations) > self.limits.generations_per_session:

@@ -4,11 +4,14 @@ import time
 
 import pytest
 import torch
+from peft.tuners.lora import LoraLayer
 from transformers.generation.streamers import BaseStreamer
 
 from splitkit import Learner, TrunkError, generate
 from splitkit import protocol as P
+from splitkit.data import batches, facts
 from splitkit.generation import generate_ids
+from splitkit.lora import lora_layers
 from splitkit.sessions import Limits
 
 NEW = 10
@@ -47,6 +50,112 @@ def test_cached_split_generation_gives_the_unsplit_models_greedy_tokens(tiny, se
     assert [m["sent"] for m in sent] == [[[3, 7, d]]] + [[[3, 1, d]]] * (NEW - 1)
     assert [m["received"] for m in sent] == [[[3, 7, d]]] + [[[3, 1, d]]] * (NEW - 1)
     assert serve.servers[-1].stats()["generations"] == 0, "the finished generation's cache was not released"
+
+
+def every_tensor(learner, server) -> dict:
+    """A copy of every tensor of the client's parts and of the server's Trunk: base weights, each session's LoRA."""
+    parts = {"bottom": learner.bottom, "top": learner.top, "trunk": server.sessions.trunk}
+    return {f"{part}.{k}": v.detach().clone() for part, m in parts.items() for k, v in m.state_dict().items()}
+
+
+class MergeProbe(BaseStreamer):
+    """A streamer that, at each new token, notes what the generation has done to the weights: whether every client
+    LoRA layer is merged, and how far each merged weight is from W + PEFT's delta and from W, on the client and in
+    the server's merged copies of the Trunk's weights (put in place only while a request runs)."""
+
+    def __init__(self, learner, server):
+        self.learner, self.server, self.seen = learner, server, []
+        self.originals = {id(m): m.get_base_layer().weight.detach().clone() for m in self._layers()}
+
+    def _layers(self):
+        parts = [self.learner.bottom, self.learner.top, self.server.sessions.peft]
+        return [m for part in parts if part is not None for m in part.modules() if isinstance(m, LoraLayer)]
+
+    def put(self, value):
+        if value.dim() == 2:  # the prompt, before the generation began
+            return
+        client = [layer for part in (self.learner.bottom, self.learner.top) for layer in lora_layers(part).values()]
+        merged = [(layer, "default", layer.get_base_layer().weight) for layer in client]
+        gens = [g for g in self.server.sessions.get(self.learner.client.session).generations.values() if g.merged]
+        merged += [(layer, g.merged.adapter, tensors[0]) for g in gens
+                   for layer, tensors in zip(g.merged.layers, g.merged.weights, strict=True)]
+        self.seen.append(dict(
+            client_merged=all(layer.merged for layer in client), server_generations=len(gens),
+            off_merge=max(float((w - self.originals[id(layer)] - layer.get_delta_weight(adapter)).abs().max())
+                          for layer, adapter, w in merged),
+            off_base=min(float((w - self.originals[id(layer)]).abs().max()) for layer, _, w in merged)))
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["full", "full+trunk"])
+def test_generation_merges_the_lora_and_leaves_every_weight_and_the_next_step_as_they_were(tiny, serve, spec, mode):
+    model, tokenizer = tiny
+    cuts = cuts_of(model)
+    address = serve(model, cuts)
+    server = serve.servers[-1]
+    ids, mask = padded_prompts(model)
+    data = batches(tokenizer, facts(), 4, seed=2)
+    first, second = next(data), next(data)
+    with Learner(model, mode=mode, cuts=cuts, address=address, lora=spec, lr=1e-2) as learner, \
+            Learner(model, mode=mode, cuts=cuts, address=address, lora=spec, lr=1e-2) as twin:
+        assert learner.step(first) == twin.step(first)  # a trained LoRA on every part, and the twin's the same
+        before = every_tensor(learner, server)
+        probe = MergeProbe(learner, server)
+        tokens = generate_ids(learner, ids, mask, NEW, streamer=probe)
+        after = every_tensor(learner, server)
+        # the tokens of transformers' generate() on the unsplit model with the same LoRA, not merged
+        reference = Learner(model, mode="local", cuts=cuts, lora=spec, train_trunk=mode == "full+trunk")
+        reference.load_lora(learner.lora_state())
+        reference.model.get_base_model().generation_config.eos_token_id = None
+        want = reference.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                        pad_token_id=0)[:, ids.shape[1]:]
+        assert torch.equal(tokens, want)
+        # during the generation: every client LoRA layer merged, and in full+trunk the server's merged copies
+        # made; each merged weight is W + PEFT's delta (to rounding) and is not W
+        assert len(probe.seen) == NEW and all(s["client_merged"] for s in probe.seen)
+        assert all(s["server_generations"] == (mode == "full+trunk") for s in probe.seen)
+        assert all(s["off_merge"] < 1e-6 < s["off_base"] for s in probe.seen), probe.seen[0]
+        # after it: every tensor on both sides bit for bit as before, nothing left merged, the next step the twin's
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(layer.merged for part in (learner.bottom, learner.top) for layer in lora_layers(part).values())
+        assert learner.step(second) == twin.step(second)
+        assert all(torch.equal(a, b) for a, b in zip(learner.lora_state().values(), twin.lora_state().values(),
+                                                     strict=True))
+
+
+class Failing(BaseStreamer):
+    """A streamer that raises at the `at`-th new token."""
+
+    def __init__(self, at: int):
+        self.at, self.tokens = at, 0
+
+    def put(self, value):
+        if value.dim() == 1:
+            self.tokens += 1
+            if self.tokens == self.at:
+                raise RuntimeError("the streamer failed")
+
+    def end(self):
+        pass
+
+
+@pytest.mark.parametrize("mode", ["full", "full+trunk"])
+def test_a_generation_that_fails_midway_or_loses_its_cache_leaves_every_weight_as_it_was(llama, serve, spec, mode):
+    cuts = cuts_of(llama)
+    ids, mask = padded_prompts(llama)
+    lossy = serve(llama, cuts, limits=Limits(generations_total=0))  # every token: the prefix again, merged again
+    server = serve.servers[-1]
+    with Learner(llama, mode=mode, cuts=cuts, address=lossy, lora=spec) as learner:
+        before = every_tensor(learner, server)
+        with pytest.raises(RuntimeError, match="the streamer failed"):
+            generate_ids(learner, ids, mask, NEW, streamer=Failing(at=4))
+        assert learner.client.resent == 3  # the tokens after the first lost their cache before the failure
+        after = every_tensor(learner, server)
+        assert all(torch.equal(before[k], after[k]) for k in before)
+        assert not any(layer.merged for part in (learner.bottom, learner.top) for layer in lora_layers(part).values())
+        assert server.stats()["generations"] == 0
 
 
 def test_a_lost_cache_is_answered_with_its_code_and_the_client_sends_the_prefix_again(llama, serve, client):
