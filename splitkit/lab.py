@@ -191,6 +191,7 @@ def lab_widget(model, tokenizer, settings: LabSettings | None = None):
     def on_step(result):
         progress.value = len(next(iter(result.histories.values())).loss)
         plot.value = plot_lab(result, n)
+        table.value = f"<p>training… {html.escape(result.trunk, quote=False)}</p>"  # which server, while it trains
 
     def run():
         chosen = LabSettings(**{k: tuple(c.value) if k in ("cuts", "modes", "targets") else c.value
