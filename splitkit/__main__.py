@@ -94,9 +94,12 @@ def cmd_train(args) -> int:
 def cmd_keys(args) -> int:
     folder = Path(args.dir)
     if not (args.add or args.remove or args.list):
-        make_keys(folder)
+        make_keys(folder, replace=args.new_server_key)
         print(f"keys in {folder}: give clients client.key_secret and server.key; "
               f"run the server with --curve-dir {folder}; a key for each student: --add NAME")
+        if args.new_server_key:
+            print(f"a new server key: every student needs the new {folder / 'server.key'} in their folder; a "
+                  f"running server goes on with the old one until it restarts")
         return 0
     for name in args.remove:
         public = remove_student(folder, name)
@@ -131,6 +134,9 @@ def main(argv=None) -> int:
                     help="withdraw NAME's key: delete DIR/authorized/NAME.key; a running server refuses it within "
                          "a second")
     pk.add_argument("--list", action="store_true", help="print who is authorized (DIR/authorized/*.key)")
+    pk.add_argument("--new-server-key", action="store_true",
+                    help="make a new server key pair in a DIR that has one (without it, keys DIR refuses: every "
+                         "student's copy of server.key stops working)")
     pt = sub.add_parser("train", help="fine-tune LoRA through a trunk server, on the kit's task or your data",
                         epilog=TRAIN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     pt.add_argument("--mode", choices=MODES, default="full")

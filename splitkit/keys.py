@@ -45,9 +45,16 @@ def check_bind(bind: str, curve_dir, insecure: bool) -> bool:
     return True
 
 
-def make_keys(folder) -> Path:
-    """Server and client CURVE key pairs in `folder`; the client's public key is authorized."""
+def make_keys(folder, replace: bool = False) -> Path:
+    """Server and client CURVE key pairs in `folder`; the client's public key is authorized. A folder that has a
+    server key already is refused unless `replace`: a new server key breaks every copy of server.key given out."""
     folder = Path(folder)
+    if (folder / "server.key").exists() and not replace:
+        issued = [p.name for p in sorted((folder / "students").glob("*"))] if (folder / "students").is_dir() else []
+        raise ValueError(f"{folder} has a server key already; a new one would lock out every client that holds a "
+                         f"copy of the old server.key (students: {', '.join(issued) or 'none issued'}), and each "
+                         f"would need the new one. To issue a student a key: --add NAME. To make a new server key "
+                         f"anyway: --new-server-key")
     (folder / "authorized").mkdir(parents=True, exist_ok=True)
     zmq.auth.create_certificates(folder, "server")
     public, _ = zmq.auth.create_certificates(folder, "client")

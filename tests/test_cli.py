@@ -175,7 +175,8 @@ def test_keys_command_says_what_is_wrong(tmp_path, capsys):
     folder = tmp_path / "class"
     steps = [(["--add", "alice"], "no server key"), (None, None), (["--add", "alice"], None),
              (["--add", "alice"], "alice has a key already"), (["--remove", "dave"], "dave is not authorized"),
-             (["--add", "../x"], "a student's name is"), (["--remove", "alice"], None)]
+             (["--add", "../x"], "a student's name is"), ([], "has a server key already"),
+             (["--remove", "alice"], None)]
     for args, message in steps:
         if args is None:
             keys(capsys, folder)
@@ -186,3 +187,7 @@ def test_keys_command_says_what_is_wrong(tmp_path, capsys):
             assert message in capsys.readouterr().err
     assert keys(capsys, folder, "--list").strip().endswith(": client")
     assert not (tmp_path / "x.key").exists() and not (folder / "x.key").exists()
+    # a new server key only when asked for by name: the old one is replaced, and the command says what it breaks
+    old = (folder / "server.key").read_bytes()
+    assert "every student needs the new" in keys(capsys, folder, "--new-server-key")
+    assert (folder / "server.key").read_bytes() != old
