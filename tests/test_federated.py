@@ -1,6 +1,11 @@
-"""Split federated learning on Flower: the rounds run under Flower's simulation engine, the average is the mean
-of what the clients sent, each client starts its round from that average, and the loss falls."""
+"""Split federated learning on Flower: the rounds run under Flower's simulation engine (`flwr run` against a local
+simulation SuperLink), the average is the mean of what the clients sent, each client starts its round from that
+average, and the loss falls; the run leaves no process behind, failed or not."""
 
+import contextlib
+import os
+
+import psutil
 import pytest
 import torch
 from flwr.cli.config_utils import load_and_validate
@@ -18,12 +23,25 @@ def tiny_llama():
     return load_model("tiny-llama")
 
 
-def test_a_flower_simulation_averages_the_clients_lora_and_the_loss_falls(tiny_llama, serve):
+def flower_processes() -> list[psutil.Process]:
+    """The live processes that a run of this test process started: they carry its pid in F._MARKER."""
+    found = []
+    for process in psutil.process_iter():
+        with contextlib.suppress(psutil.Error):  # gone, or not ours to read
+            if (process.environ().get(F._MARKER, "").startswith(f"{os.getpid()}:")
+                    and process.status() != psutil.STATUS_ZOMBIE):
+                found.append(process)
+    return found
+
+
+def test_a_flower_simulation_averages_the_clients_lora_and_the_loss_falls(tiny_llama, serve, capfd):
     model, tokenizer = tiny_llama
     config = {"model": "tiny-llama", "address": serve(model, CUTS), "mode": P.FULL_TRUNK, "cuts": CUTS,
               "rounds": 2, "local-steps": 3, "facts": 12, "lr": 1e-2}
-    strategy = F.run(config, clients=3)["strategy"]
-    rounds = strategy.rounds
+    rounds = F.run(config, clients=3)
+    assert flower_processes() == []  # the SuperLink, the simulation and Ray's workers are gone
+    printed = capfd.readouterr()
+    assert "aggregate_train" not in printed.out + printed.err  # quiet: Flower's log of each round stays out
     assert [r.number for r in rounds] == [1, 2] and all(sorted(r.clients) == [0, 1, 2] for r in rounds)
     settings = {**F.DEFAULTS, **config}
     start = F.initial_lora(model, settings)
@@ -52,6 +70,16 @@ def test_a_flower_simulation_averages_the_clients_lora_and_the_loss_falls(tiny_l
         before = F.evaluate(run, tokenizer, start, everything, answers=False)["loss"]
         after = F.evaluate(run, tokenizer, rounds[1].average, everything, answers=False)["loss"]
         assert sum(after) < sum(before)
+
+
+def test_a_failed_flower_run_says_why_and_leaves_nothing_running():
+    with pytest.raises(RuntimeError, match="(?s)the Flower run failed.*unknown model 'no-such-model'"):
+        F.run({"model": "no-such-model", "rounds": 1}, clients=2)  # the ServerApp's load_model raises
+    assert flower_processes() == []
+    with pytest.raises(ValueError, match="unknown settings \\['round'\\]"):
+        F.run({"round": 1}, clients=2)
+    with pytest.raises(ValueError, match="whole numbers"):
+        F.run({}, clients=2, cpus_per_client=0.5)
 
 
 def test_the_settings_take_cuts_as_a_string_as_a_pyproject_gives_them():
