@@ -1,29 +1,34 @@
 """Generating through the split with KV caches, against the unsplit model's cached generate() and the uncached split.
 
-Three ways to generate the same tokens from the same weights (LoRA on the client's blocks, as after
-training in `full` mode): transformers' generate() on the unsplit model, splitkit's cached split
-generation (the Trunk's cache on the trunk server, the Bottom's and Top's in the client) and the uncached
-split path (the whole prefix through the three parts for every token). Greedy, with no stop at EOS, so
-that every run makes exactly the same number of tokens; the three take turns, the median of several runs.
+Four ways to generate the same tokens from the same weights (a LoRA on the client's blocks, as after
+training in `full` mode): transformers' generate() on the plain unsplit model (a copy whose LoRA PEFT has
+merged and unloaded: no LoRA layer left), transformers' generate() on the unsplit model with PEFT's LoRA
+layers (unmerged), splitkit's cached split generation (the Trunk's cache on the trunk server, the Bottom's
+and Top's in the client, the client's LoRA merged for the generation) and the uncached split path (the
+whole prefix through the three parts for every token). Greedy, with no stop at EOS, so that every run makes
+exactly the same number of tokens; the four take turns, the median of several runs.
 
     python bench/generation.py                 # SmolLM2, cuts (10, 20), B = 1 and 8, 64 new tokens
     python bench/generation.py --server-device cuda
 """
 
 import argparse
+import copy
 import time
 from pathlib import Path
 
 import torch
+from peft.tuners.lora import LoraLayer
 
 from _common import in_turns, write_table
-from splitkit import Learner, load_model
+from splitkit import Learner, LoraSpec, load_model
 from splitkit.data import facts
 from splitkit.generation import generate_ids
 from splitkit.models import SMOLLM2
 from splitkit.testing import ServerProcess
 
-WAYS = ("unsplit, cached", "split, cached", "split, uncached")
+WAYS = ("plain unsplit, cached", "unsplit with LoRA layers, cached", "split, cached", "split, uncached")
+PLAIN, SPLIT, UNCACHED = WAYS[0], WAYS[2], WAYS[3]
 
 
 def prompts(tokenizer, batch: int, chat: bool):
@@ -48,6 +53,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--init-b", type=float, default=0.01, help="std of the LoRA's random B (0: a LoRA that is a no-op)")
     p.add_argument("--server-device", default="cpu", help="where the trunk server runs the Trunk")
     p.add_argument("--out", default=None, help="folder for generation.md (default: bench/results)")
     args = p.parse_args(argv)
@@ -55,15 +61,24 @@ def main(argv=None):
     model, tokenizer = load_model(args.model)
     n = args.new_tokens
     with ServerProcess(args.model, args.cuts, "--device", args.server_device) as server:
-        unsplit = Learner(model, mode="local", cuts=args.cuts, train_trunk=False)  # LoRA on the client's blocks
+        lora = LoraSpec(init_b=args.init_b)
+        unsplit = Learner(model, mode="local", cuts=args.cuts, lora=lora, train_trunk=False)  # the client's blocks
         unsplit.model.get_base_model().generation_config.eos_token_id = None  # no stop at EOS (nor a ban on it)
-        split = Learner(model, mode="full", cuts=args.cuts, address=server.address)
+        plain = copy.deepcopy(unsplit.model).merge_and_unload()  # the same weights, W + scaling · B A, no LoRA layer
+        assert not any(isinstance(m, LoraLayer) for m in plain.modules())
+        split = Learner(model, mode="full", cuts=args.cuts, address=server.address, lora=lora)
+
+        def transformers_generate(causal_lm):
+            def new_tokens(ids, mask):
+                return causal_lm.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
+                                          pad_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:]
+            return new_tokens
+
         run = {
-            "unsplit, cached": lambda ids, mask: unsplit.model.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                pad_token_id=tokenizer.eos_token_id)[:, ids.shape[1]:],
-            "split, cached": lambda ids, mask: generate_ids(split, ids, mask, n),
-            "split, uncached": lambda ids, mask: generate_ids(split, ids, mask, n, cache=False),
+            PLAIN: transformers_generate(plain),
+            "unsplit with LoRA layers, cached": transformers_generate(unsplit.model),
+            SPLIT: lambda ids, mask: generate_ids(split, ids, mask, n),
+            UNCACHED: lambda ids, mask: generate_ids(split, ids, mask, n, cache=False),
         }
         rows, same = [], {}
         kinds = ["chat", "bare"] if tokenizer.chat_template else ["bare"]
@@ -77,36 +92,42 @@ def main(argv=None):
                     tokens[way] = run[way](ids, mask)
                     if i >= args.warmup:
                         seconds[way].append(time.perf_counter() - t0)
-            same[kind, batch] = all(torch.equal(tokens[w], tokens["unsplit, cached"]) for w in WAYS)
+            same[kind, batch] = all(torch.equal(tokens[w], tokens[PLAIN]) for w in WAYS)
             rate = {w: batch * n / sorted(seconds[w])[len(seconds[w]) // 2] for w in WAYS}  # median tokens/s
             spread = {w: f"{min(batch * n / s for s in seconds[w]):.1f}–{max(batch * n / s for s in seconds[w]):.1f}"
                       for w in WAYS}
             for way in WAYS:
-                vs_unsplit = rate[way] / rate["unsplit, cached"]
-                vs_uncached = rate[way] / rate["split, uncached"]
                 rows.append([kind, length, batch, way, f"{rate[way]:.1f}", spread[way],
-                             f"{vs_unsplit:.2f}×" + (" ✓" if way == "split, cached" and vs_unsplit >= 0.85 else
-                                                      " ✗" if way == "split, cached" else ""),
-                             f"{vs_uncached:.1f}×" + (" ✓" if way == "split, cached" and vs_uncached >= 5 else
-                                                      " ✗" if way == "split, cached" else "")])
+                             mark(rate[way] / rate[PLAIN], 0.85, way == SPLIT, "{:.2f}×"),
+                             mark(rate[way] / rate[WAYS[1]], None, False, "{:.2f}×"),
+                             mark(rate[way] / rate[UNCACHED], 5, way == SPLIT, "{:.1f}×")])
         unsplit.close()
         split.close()
 
     notes = f"""
-{args.model}, cuts {tuple(args.cuts)}, LoRA (r 8) on the client's blocks, {n} new tokens per prompt, greedy,
-questions of the kit's task left-padded to the longest; trunk server in its own process on loopback, Trunk on
-{args.server_device}. Tokens/s: batch × {n} / seconds, median of {args.reps} after {args.warmup} of warm-up
-(the spread: slowest–fastest), the three ways in turns. Targets: split cached ≥ 0.85× the unsplit model's
-cached generate() and ≥ 5× the uncached split. Every way made the same tokens as the unsplit model:
+{args.model}, cuts {tuple(args.cuts)}, LoRA (r {lora.r}, B drawn with std {args.init_b}) on the client's blocks, {n} new
+tokens per prompt, greedy, questions of the kit's task left-padded to the longest; trunk server in its own process
+on loopback, Trunk on {args.server_device}. Tokens/s: batch × {n} / seconds, median of {args.reps} after
+{args.warmup} of warm-up (the spread: slowest–fastest), the four ways in turns. "plain unsplit": transformers'
+generate() on a copy of the model whose LoRA PEFT merged and unloaded (merge_and_unload: no LoRA layer left);
+"unsplit with LoRA layers": on the unsplit model with PEFT's LoRA layers, unmerged (two more matmuls per
+layer per token). The split merges the client's LoRA into its weights for each generation (splitkit.lora.Merged)
+and puts the very weights back after it. Targets: split cached ≥ 0.85× the plain unsplit model's cached
+generate() and ≥ 5× the uncached split. Every way made the same tokens as the plain unsplit model:
 {", ".join(f"{k} B = {b}: {'yes' if s else 'NO'}" for (k, b), s in same.items())}.
 Prompts: "chat" is each question in the model's chat template, as one asks an instruct model (SmolLM2's
 adds its system prompt); "bare" is the question alone. The longer the prefix, the more the uncached path
 recomputes for every token: its cost is what the cache saves.
 """
     write_table("generation", "Generation through the split: KV caches against the unsplit model and no cache",
-                ["prompt", "prompt tokens", "B", "way", "tokens / s", "spread", "vs unsplit cached",
+                ["prompt", "prompt tokens", "B", "way", "tokens / s", "spread", "vs plain", "vs LoRA layers",
                  "vs split uncached"],
                 rows, notes, out=args.out and Path(args.out))
+
+
+def mark(ratio: float, target: float | None, marked: bool, form: str) -> str:
+    """A ratio, with ✓ or ✗ against a target on the row that has one."""
+    return form.format(ratio) + ((" ✓" if ratio >= target else " ✗") if marked else "")
 
 
 if __name__ == "__main__":

@@ -53,13 +53,15 @@ def test_compression_bench_reports_each_wire_dtype(tmp_path):
     assert float(rows[0][5]) == 0 and 0 < float(rows[1][5]) < 1e-2 and 0 < float(rows[3][5]) < 1e-1  # gradients
 
 
-def test_generation_bench_compares_three_ways_that_make_the_same_tokens(tmp_path):
+def test_generation_bench_compares_four_ways_that_make_the_same_tokens(tmp_path):
     text = run("generation.py", "--model", "tiny-llama", "--cuts", "2", "4", "--batches", "2", "--new-tokens", "4",
                "--warmup", "0", "--reps", "1", out=tmp_path)
     rows = table(text)
-    assert [r[3] for r in rows] == ["unsplit, cached", "split, cached", "split, uncached"]
-    assert [r[0] for r in rows] == ["bare"] * 3 and all(float(r[4]) > 0 for r in rows)  # tiny-llama: no chat template
-    assert "bare B = 2: yes" in text  # each way made the unsplit model's tokens
+    assert [r[3] for r in rows] == ["plain unsplit, cached", "unsplit with LoRA layers, cached", "split, cached",
+                                    "split, uncached"]
+    assert [r[0] for r in rows] == ["bare"] * 4 and all(float(r[4]) > 0 for r in rows)  # tiny-llama: no chat template
+    assert rows[0][6] == "1.00×" and rows[2][6].endswith(("✓", "✗"))  # each way against the plain model
+    assert "bare B = 2: yes" in text  # each way made the plain unsplit model's tokens
 
 
 def test_notebook_bench_times_a_notebook(tmp_path):
