@@ -95,8 +95,9 @@ def cmd_keys(args) -> int:
     folder = Path(args.dir)
     if not (args.add or args.remove or args.list):
         make_keys(folder, replace=args.new_server_key)
-        print(f"keys in {folder}: give clients client.key_secret and server.key; "
-              f"run the server with --curve-dir {folder}; a key for each student: --add NAME")
+        print(f"keys in {folder}: run the server with --curve-dir {folder}; a key for each student: --add NAME, "
+              f"then give that student the folder {folder / 'students' / 'NAME'}. {folder} itself is the teacher's "
+              f"key folder (its client.key_secret is the teacher's): keep it, and never commit it")
         if args.new_server_key:
             print(f"a new server key: every student needs the new {folder / 'server.key'} in their folder; a "
                   f"running server goes on with the old one until it restarts")

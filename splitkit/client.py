@@ -57,8 +57,11 @@ class TrunkClient:
         self.address, self.timeout, self.retries, self.wire_dtype = address, timeout, retries, wire_dtype
         self.curve_dir = class_keys(address) if curve_dir is None else Path(curve_dir)
         if self.curve_dir is not None and not all((self.curve_dir / f).is_file() for f in KEY_FILES):
+            where = "" if self.curve_dir.is_absolute() else (
+                f"; a relative folder is read from where this process runs, {Path.cwd()} (a notebook's kernel runs "
+                f"in the notebook's folder): give the absolute path")
             raise ValueError(f"{self.curve_dir} is not a folder of keys: it needs {' and '.join(KEY_FILES)} (the "
-                             f"folder `python -m splitkit keys DIR --add NAME` made, DIR/students/NAME)")
+                             f"folder `python -m splitkit keys DIR --add NAME` made, DIR/students/NAME){where}")
         self.session = secrets.token_hex(16)
         self.bytes_sent = self.bytes_received = 0
         self.reopened = 0        # times the session was opened again on a restarted server
@@ -213,7 +216,9 @@ class TrunkClient:
         raise TrunkUnavailable(
             f"no answer from the trunk server at {self.address} to {header['op']!r} within "
             f"{self.timeout:g} s, {self.retries + 1} tries. Is trunk_server.py running there, with the "
-            f"same address{' and keys' if self.curve_dir else ''}? (python trunk_server.py --help)")
+            f"same address{' and keys' if self.curve_dir else ''}? (python trunk_server.py --help)"
+            + ("" if self.curve_dir else " A server run with --curve-dir answers no client without a key: give "
+                                         "curve_dir, or set $SPLITKIT_CURVE_DIR, to the folder of yours."))
 
     def _socket(self):
         if self._sock is None:

@@ -50,7 +50,7 @@ def make_keys(folder, replace: bool = False) -> Path:
     server key already is refused unless `replace`: a new server key breaks every copy of server.key given out."""
     folder = Path(folder)
     if (folder / "server.key").exists() and not replace:
-        issued = [p.name for p in sorted((folder / "students").glob("*"))] if (folder / "students").is_dir() else []
+        issued = [name for name in authorized(folder) if name != "client"]  # withdrawn keys are no one's to lose
         raise ValueError(f"{folder} has a server key already; a new one would lock out every client that holds a "
                          f"copy of the old server.key (students: {', '.join(issued) or 'none issued'}), and each "
                          f"would need the new one. To issue a student a key: --add NAME. To make a new server key "

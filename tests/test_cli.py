@@ -73,6 +73,15 @@ def test_train_command_without_a_server_stops_within_its_timeout_naming_the_addr
     assert time.perf_counter() - started < 10
     err = capsys.readouterr().err
     assert err.startswith("error: no answer from the trunk server at " + address) and "within 0.3 s, 2 tries" in err
+    assert "answers no client without a key" in err  # the likeliest cause against a class server, and its fix
+
+
+def test_a_relative_key_folder_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    from splitkit.client import TrunkClient
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match=f"classkeys is not a folder of keys.*read from .*{tmp_path.name}.*absolute"):
+        TrunkClient("tcp://10.0.0.1:5555", curve_dir="classkeys")
 
 
 def test_train_help_shows_an_example_for_each_input_kind():
@@ -186,6 +195,8 @@ def test_keys_command_says_what_is_wrong(tmp_path, capsys):
             assert main(["keys", str(folder), *args]) == 2
             assert message in capsys.readouterr().err
     assert keys(capsys, folder, "--list").strip().endswith(": client")
+    assert main(["keys", str(folder)]) == 2  # alice's key is withdrawn: nobody's key is at stake
+    assert "(students: none issued)" in capsys.readouterr().err
     assert not (tmp_path / "x.key").exists() and not (folder / "x.key").exists()
     # a new server key only when asked for by name: the old one is replaced, and the command says what it breaks
     old = (folder / "server.key").read_bytes()
