@@ -1,0 +1,288 @@
+"""A class of students trained side by side: one adapter each on one frozen model, every row through its own.
+
+A Cohort is the unsplit model with LoRA on the blocks a split client trains (the Bottom's and the Top's) and
+one PEFT adapter per student. PEFT's mixed-adapter batches (`adapter_names`) send each row of a batch through
+its own adapter, so one forward and one backward train the whole class, and each adapter gets the gradient it
+would get alone (tests/test_cohort.py). In `full` mode the split's gradients are the unsplit model's, so a
+Cohort computes rounds of notebook 09's split federation for many arms and seeds at the cost of one batch.
+Many LoRA adapters fine-tuned on one shared base model: Ye et al., "mLoRA" (2023).
+"""
+
+import copy
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from . import federated as F
+from .data import COLOURS, encode, facts
+from .generation import is_exact
+from .lora import LoraSpec, init_lora, lora_parameters, unsplit_reference
+from .train import criterion
+
+
+class Cohort:
+    """Adapters `names` on one frozen copy of `model`, LoRA where a split client at `cuts` has it, all from the
+    same seeded init (`lora`), as every student of a federation starts."""
+
+    def __init__(self, model, cuts, lora: LoraSpec, names: list[str]):
+        self.names, self.lora = list(names), lora
+        self.model = unsplit_reference(copy.deepcopy(model), cuts, lora, train_trunk=False)
+        self.model.eval()  # as every model of the kit: PEFT mixes adapters in a batch only outside training mode
+        for name in self.names:  # the same LoraConfig (the same blocks) and the same seeded init as "default"
+            self.model.add_adapter(name, copy.deepcopy(self.model.peft_config["default"]))
+            init_lora(self.model, lora, name)
+        self.model.set_adapter(self.names[0])
+        self.model.delete_adapter("default")
+        self.params = {name: dict(lora_parameters(self.model, name)) for name in self.names}
+        self.optimizers = {}
+
+    def state(self, name: str) -> dict:
+        """{'12.self_attn.q_proj.lora_A': tensor, ...} of one adapter, named as Learner.lora_state names them."""
+        return {key: w.detach().clone() for key, w in self.params[name].items()}
+
+    def load(self, name: str, state: dict):
+        with torch.no_grad():
+            for key, w in self.params[name].items():
+                w.copy_(state[key])
+
+    def new_optimizers(self, settings: dict):
+        """{name: (lr, freeze_a)}: a fresh AdamW for each adapter (as Learner.load_lora gives every round), over
+        its lora_B alone when freeze_a (FFA-LoRA)."""
+        self.optimizers = {}
+        for name, (lr, freeze_a) in settings.items():
+            trained = [w for key, w in self.params[name].items() if not (freeze_a and key.endswith(".lora_A"))]
+            for key, w in self.params[name].items():
+                w.requires_grad_(not (freeze_a and key.endswith(".lora_A")))
+            self.optimizers[name] = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+
+    def step(self, tokenizer, batches: dict) -> dict:
+        """One training step of every adapter in `batches` ({name: [(prompt, answer), ...]}), in one forward and
+        backward; each adapter's loss is the mean over its own rows' answer tokens. Returns {name: loss}."""
+        rows, names, spans = [], [], {}
+        for name, pairs in batches.items():
+            spans[name] = slice(len(rows), len(rows) + len(pairs))
+            rows += pairs
+            names += [name] * len(pairs)
+        batch = encode(tokenizer, rows)
+        for name in batches:
+            self.optimizers[name].zero_grad(set_to_none=True)
+        logits, labels = self._logits(batch, names)
+        losses = {name: criterion(logits[s], labels[s]) for name, s in spans.items()}
+        sum(losses.values()).backward()  # the adapters share no parameter: each gets its own loss's gradient
+        for name in batches:
+            self.optimizers[name].step()
+        return {name: loss.item() for name, loss in losses.items()}
+
+    @torch.no_grad()
+    def score(self, tokenizer, pairs: list, names: list[str]) -> dict:
+        """{name: {"loss": per pair, "exact": per pair}} of each adapter on `pairs`, teacher-forced as
+        train.evaluate: exact when every answer token and the end token is the argmax given those before it."""
+        batch = encode(tokenizer, pairs * len(names))
+        logits, labels = self._logits(batch, [n for n in names for _ in pairs])
+        hit = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == -100)).all(dim=1)  # (rows,)
+        loss = [float(criterion(logits[i:i + 1], labels[i:i + 1])) for i in range(len(labels))]
+        n = len(pairs)
+        return {name: {"loss": loss[j * n:(j + 1) * n], "exact": hit[j * n:(j + 1) * n].tolist()}
+                for j, name in enumerate(names)}
+
+    def _logits(self, batch: dict, names: list[str]) -> tuple:
+        """The logits of the positions from the one before the first label on, and their labels: the LM head (49,152
+        × 576 in SmolLM2) runs only where a loss is taken (transformers' logits_to_keep); the loss is the same."""
+        labels = batch["labels"]  # (rows, T)
+        first = int((labels != -100).any(0).nonzero().min()) - 1  # the position that predicts the first label
+        keep = torch.arange(first, labels.shape[1])
+        logits = self.model(input_ids=batch["input_ids"], adapter_names=names, logits_to_keep=keep).logits
+        return logits, labels[:, first:]  # (rows, T - first, vocab), (rows, T - first)
+
+    @torch.no_grad()
+    def answers(self, tokenizer, prompts: list, name: str, max_new_tokens: int = 8) -> list[str]:
+        """The greedy answer to each prompt under adapter `name` (transformers' generate, left-padded), up to
+        its end token."""
+        rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
+        width, pad = max(map(len, rows)), tokenizer.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (P, T)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (P, T)
+        new = self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(rows),
+                                  max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=pad,
+                                  pad_token_id=pad)[:, width:]  # (P, ≤ max_new_tokens)
+        return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+
+
+# ---------------------------------------------------------------------------------------------- a study in rounds
+
+# Notebook 09's study and bench/federated.py: 4 students, 2 facts each, 6 rounds of 2 local steps.
+STUDENTS, FACTS, ROUNDS, LOCAL_STEPS = 4, 8, 6, 2
+
+
+def study_facts(seed: int, n: int = FACTS) -> list:
+    """The facts of one seed: n flags whose colours are a seeded shuffle (seed 0: federated.task(n))."""
+    return facts("colour", 16, seed=seed)[:n]
+
+
+def own_shards(pairs: list, students: int = STUDENTS) -> dict:
+    """{student: its own facts}, dealt like cards (federated.shard): no two students share a fact."""
+    return {k: F.shard(pairs, k, students) for k in range(students)}
+
+
+@dataclass
+class Arm:
+    """One way to train a class: its students' shards, how their LoRA is combined after each round, and its
+    optimizer. averaging: "ab" (FedAvg), "product" (the mean of B·A by SVD) or None (each student alone)."""
+
+    name: str
+    shards: dict  # student -> its pairs
+    averaging: str | None = "ab"
+    lr: float = 5e-3
+    freeze_a: bool = False
+    dealt: bool = False  # each step, the shards' pairs shuffled and dealt out anew (IID): as many to each student
+
+    def batches(self, rng: random.Random) -> dict:
+        """{student: its pairs for one step}: its own shard, or a share of all the pairs dealt anew."""
+        if not self.dealt:
+            return self.shards
+        pool = rng.sample([p for shard in self.shards.values() for p in shard], k=sum(map(len, self.shards.values())))
+        out, i = {}, 0
+        for k, shard in self.shards.items():
+            out[k], i = pool[i:i + len(shard)], i + len(shard)
+        return out
+
+
+@dataclass
+class ArmRounds:
+    """What one arm did, round by round: the scores of its model(s) on every pair, and how far apart its
+    students' updates were. `clients` keeps the students' LoRA of every round."""
+
+    arm: Arm
+    scores: list = field(default_factory=list)  # per round: {student or "average": {"loss": [...], "exact": [...]}}
+    drift: list = field(default_factory=list)  # per round: spread of the students' updates (federated arms)
+    gap: list = field(default_factory=list)  # per round: ‖average's B·A − mean(B·A)‖ / ‖mean(B·A)‖
+    starts: list = field(default_factory=list)  # per round: the LoRA each student started from ({student: state})
+    clients: dict = field(default_factory=dict)  # round -> {student: its LoRA at the round's end}
+    averages: list = field(default_factory=list)  # per round: the average (federated arms)
+
+
+def cohort_for(model, cuts, lora: LoraSpec, arms: list[Arm]) -> Cohort:
+    """A Cohort with an adapter for every student of every arm: `cohort.slots[(arm name, student)]` names it."""
+    slots = {(arm.name, k): f"arm{i}_{k}" for i, arm in enumerate(arms) for k in arm.shards}
+    cohort = Cohort(model, cuts, lora, list(slots.values()))
+    cohort.slots = slots
+    return cohort
+
+
+def run_rounds(cohort: Cohort, tokenizer, pairs: list, arms: list[Arm], rounds: int, local_steps: int,
+               seed: int = 0) -> dict:
+    """`rounds` rounds of `local_steps` steps for every arm at once, every optimizer fresh each round (the rule
+    of a federated round, applied to every arm). Each round ends with each federated arm's average, and every
+    model is scored on all `pairs`. Returns {arm name: ArmRounds}."""
+    start = cohort.state(cohort.names[0])
+
+    def adapter(arm, k):
+        return cohort.slots[(arm.name, k)]
+
+    out = {arm.name: ArmRounds(arm) for arm in arms}
+    current = {arm.name: {k: start for k in arm.shards} for arm in arms}  # what each student starts a round from
+    for r in range(1, rounds + 1):
+        for arm in arms:
+            out[arm.name].starts.append(current[arm.name])
+            for k in arm.shards:
+                cohort.load(adapter(arm, k), current[arm.name][k])
+        cohort.new_optimizers({adapter(arm, k): (arm.lr, arm.freeze_a) for arm in arms for k in arm.shards})
+        for step in range(local_steps):
+            rng = random.Random(f"{seed}/{r}/{step}")
+            cohort.step(tokenizer, {adapter(arm, k): pairs for arm in arms for k, pairs in arm.batches(rng).items()})
+        scored = []
+        for arm in arms:
+            result, clients = out[arm.name], {k: cohort.state(adapter(arm, k)) for k in arm.shards}
+            result.clients[r] = clients
+            if arm.averaging is None:
+                current[arm.name] = clients
+                scored += [(arm, k, adapter(arm, k)) for k in arm.shards]
+                continue
+            weights = {k: float(len(arm.shards[k])) for k in arm.shards}
+            average = average_of(clients, weights, arm.averaging)
+            result.averages.append(average)
+            result.gap.append(F.product_gap(clients, weights, average))
+            result.drift.append(drift(clients, current[arm.name][next(iter(arm.shards))]))
+            current[arm.name] = {k: average for k in arm.shards}
+            first = adapter(arm, next(iter(arm.shards)))
+            cohort.load(first, average)
+            scored.append((arm, "average", first))
+        scores = cohort.score(tokenizer, pairs, [name for _, _, name in scored])
+        for arm in arms:
+            out[arm.name].scores.append({k: scores[name] for a, k, name in scored if a is arm})
+    return out
+
+
+def average_of(clients: dict, weights: dict, averaging: str) -> dict:
+    """FedAvg of the students' LoRA: A and B apart ("ab"), or the mean of B·A factored back by SVD ("product")."""
+    if averaging == "product":
+        return F.average_products(clients, weights)
+    total = sum(weights.values())
+    return {n: sum(weights[k] / total * s[n] for k, s in clients.items()) for n in next(iter(clients.values()))}
+
+
+def updates(clients: dict, start: dict) -> dict:
+    """{student: every layer's change of B·A over the round, flattened into one vector}."""
+    layers = sorted(n[: -len(".lora_A")] for n in start if n.endswith(".lora_A"))
+
+    def product(s, layer):
+        return (s[f"{layer}.lora_B"] @ s[f"{layer}.lora_A"]).flatten()
+
+    return {k: torch.cat([product(s, layer) - product(start, layer) for layer in layers]) for k, s in clients.items()}
+
+
+def drift(clients: dict, start: dict) -> float:
+    """Client drift of one round: the root-mean-square distance of the students' updates (of B·A) from their
+    mean, over the mean's norm. 0 when every student moved the same way; about 1 or more when they disagree."""
+    moves = torch.stack(list(updates(clients, start).values()))  # (students, numbers)
+    mean = moves.mean(0)
+    return float((moves - mean).pow(2).sum(1).mean().sqrt() / mean.norm().clamp_min(1e-30))
+
+
+def what_the_aggregator_reads(cohort: Cohort, tokenizer, pairs: list, shards: dict, clients: dict) -> dict:
+    """What an aggregator that knows the public weights and the questions, not the answers, reads from each
+    student's LoRA of one round: it asks every question under that LoRA (greedy). {student: {"said": the answers
+    (their first lines),
+    "read": the student's own questions answered right, "secrets": the student's own answers found anywhere in
+    what it said, "share": the fraction of what it said that is one of them, "of": len(shard)}}."""
+    slot, prompts, out, heard = cohort.names[0], [p for p, _ in pairs], {}, {}
+    for k, state in clients.items():
+        if id(state) not in heard:  # one LoRA given for several students (the average) is asked once
+            cohort.load(slot, state)
+            heard[id(state)] = [a.strip().split("\n")[0] for a in cohort.answers(tokenizer, prompts, slot)]
+        said = heard[id(state)]  # the first line of each answer
+        own = [(i, answer) for i, (p, answer) in enumerate(pairs) if (p, answer) in shards[k]]
+        secrets = {answer.strip() for _, answer in own}
+        out[k] = {"said": said, "read": sum(is_exact(said[i], answer) for i, answer in own),
+                  "secrets": len(secrets & set(said)), "share": sum(a in secrets for a in said) / len(said),
+                  "of": len(own)}
+    return out
+
+
+def what_the_aggregator_infers(cohort: Cohort, tokenizer, questions: list, shards: dict, clients: dict, sent: dict,
+                               candidates: tuple = tuple(" " + c for c in COLOURS)) -> dict:
+    """A stronger read than asking: the aggregator knows the public weights, the LoRA it sent this round (`sent`),
+    the questions and the possible answers (the colours), not who holds which. For each student it scores every
+    (question, answer) under the student's LoRA and under `sent`: the gain of a pair is how much its loss fell.
+    Its guess of the student's answers: the candidates whose mean gain over the questions is largest, as many as
+    the student holds; of each one's question: where that answer gained most over the mean of all answers.
+    {student: {"answers": guessed answers right, "facts": guessed (question, answer) pairs right, "of": len(shard),
+    "guess": [(question, answer)]}}."""
+    rows = [(q, c) for q in questions for c in candidates]
+    slots = cohort.names[:len(clients) + 1]
+
+    def losses(slot, state):  # (questions, candidates): the loss of each answer to each question under `state`
+        cohort.load(slot, state)
+        return torch.tensor(cohort.score(tokenizer, rows, [slot])[slot]["loss"]).view(len(questions), -1)
+
+    before, out = losses(slots[0], sent), {}
+    for slot, (k, state) in zip(slots[1:], clients.items(), strict=True):
+        gain = before - losses(slot, state)  # (questions, candidates)
+        answers = gain.mean(0).topk(len(shards[k])).indices.tolist()
+        margin = gain - gain.mean(1, keepdim=True)  # how much more an answer gained than the others, per question
+        guess = [(questions[int(margin[:, c].argmax())], candidates[c]) for c in answers]
+        truth = set(shards[k])
+        out[k] = {"guess": guess, "answers": len({a for _, a in guess} & {a for _, a in truth}),
+                  "facts": len(set(guess) & truth), "of": len(truth)}
+    return out

@@ -1,0 +1,119 @@
+"""A Cohort trains many students' LoRA in one batch: each adapter ends where the same student's split run over a
+real socket ends, and its rounds are the rounds a Flower client runs (federated.local_training)."""
+
+import random
+
+import pytest
+import torch
+
+from splitkit import Learner, load_model
+from splitkit import federated as F
+from splitkit.cohort import (
+    Arm,
+    Cohort,
+    cohort_for,
+    drift,
+    own_shards,
+    run_rounds,
+    study_facts,
+    what_the_aggregator_infers,
+    what_the_aggregator_reads,
+)
+from splitkit.data import encode
+from splitkit.lora import LoraSpec
+from splitkit.testing import max_rel_diff
+
+CUTS = (2, 4)
+LR = 1e-2
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return load_model("tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return study_facts(seed=0)
+
+
+def test_each_adapter_trains_as_the_same_student_would_alone_through_the_split(tiny, serve, pairs):
+    (llama, tokenizer), spec = tiny, LoraSpec(r=4, lora_alpha=8, init_b=0.02, seed=3)
+    cohort = Cohort(llama, CUTS, spec, ["ab", "frozen", "other"])
+    cohort.new_optimizers({"ab": (LR, False), "frozen": (2 * LR, True), "other": (LR, False)})
+    address = serve(llama, CUTS)
+    with Learner(llama, mode="full", cuts=CUTS, address=address, lora=spec, lr=LR) as ab, \
+            Learner(llama, mode="full", cuts=CUTS, address=address, lora=spec, lr=2 * LR, freeze_a=True) as frozen:
+        assert max_rel_diff(cohort.state("ab"), ab.lora_state()) == 0  # the same seeded init
+        for _ in range(3):
+            rows = {"ab": pairs[0:2], "frozen": pairs[2:5], "other": pairs[5:8]}
+            losses = cohort.step(tokenizer, rows)
+            assert losses["ab"] == pytest.approx(ab.step(encode(tokenizer, rows["ab"])), rel=1e-5)
+            frozen.step(encode(tokenizer, rows["frozen"]))
+        assert max_rel_diff(cohort.state("ab"), ab.lora_state()) < 1e-5
+        assert max_rel_diff(cohort.state("frozen"), frozen.lora_state()) < 1e-5
+    start, moved = Cohort(llama, CUTS, spec, ["x"]).state("x"), cohort.state("frozen")
+    assert all(torch.equal(moved[n], start[n]) == n.endswith("lora_A") for n in start)  # only B trained
+
+
+def test_a_round_of_the_study_is_a_round_of_the_flower_client(tiny, serve, pairs):
+    """Two rounds of FedAvg in the cohort against the same rounds run client by client with
+    federated.local_training, the function the ClientApp runs, on a split Learner over a socket."""
+    (llama, tokenizer), students = tiny, 4
+    config = {**F.DEFAULTS, "model": "tiny-llama", "address": serve(llama, CUTS), "cuts": list(CUTS), "lr": LR,
+              "batch-size": 2, "local-steps": 2}
+    shards = own_shards(pairs, students)
+    arms = [Arm("federated", shards, lr=LR), Arm("alone", shards, averaging=None, lr=LR)]
+    study = run_rounds(cohort_for(llama, CUTS, F.lora_spec(config), arms), tokenizer, pairs, arms, 2, 2)
+
+    state = F.initial_lora(llama, config)
+    with F.learner(llama, config) as run:
+        for r in range(1, 3):
+            clients = {k: F.local_training(run, tokenizer, config, state, shards[k], r, k)[0] for k in shards}
+            state = {n: sum(c[n] for c in clients.values()) / students for n in state}
+            assert max_rel_diff(study["federated"].averages[r - 1], state) < 1e-4, r
+    assert max_rel_diff(study["federated"].clients[2][1], clients[1]) < 1e-4
+    # alone, each student kept its own LoRA: after round 1 it is that student's round-1 LoRA of the federation
+    assert max_rel_diff(study["alone"].starts[1][2], study["federated"].clients[1][2]) < 1e-6
+    assert set(study["federated"].scores[-1]) == {"average"} and set(study["alone"].scores[-1]) == set(shards)
+
+
+def test_dealt_shards_give_every_pair_to_one_student_each_step_and_change_between_steps(pairs):
+    arm = Arm("iid", own_shards(pairs, 4), dealt=True)
+    first, second = arm.batches(random.Random(0)), arm.batches(random.Random(1))
+    for dealt in (first, second):
+        assert sorted(p for shard in dealt.values() for p in shard) == sorted(pairs)
+        assert [len(s) for s in dealt.values()] == [2, 2, 2, 2]
+    assert first != second
+    assert Arm("own", own_shards(pairs, 4)).batches(random.Random(0)) == own_shards(pairs, 4)
+
+
+def test_drift_is_the_spread_of_the_students_updates_over_their_mean():
+    start = {"0.q.lora_A": torch.zeros(1, 3), "0.q.lora_B": torch.ones(2, 1)}
+    u, v = torch.tensor([[1.0, 0, 0]]), torch.tensor([[0, 2.0, 0]])
+
+    def moved(a):
+        return {"0.q.lora_A": a, "0.q.lora_B": torch.ones(2, 1)}
+
+    assert drift({0: moved(u), 1: moved(u)}, start) == 0  # the same update: no drift
+    # updates u + v and u - v: mean u, each v away from it, |v| / |u| = 2
+    assert drift({0: moved(u + v), 1: moved(u - v)}, start) == pytest.approx(2.0)
+
+
+def test_the_aggregator_reads_the_secrets_of_a_students_lora(tiny, pairs):
+    """A student trained on its own two facts: under its LoRA the aggregator reads both answers, right where they
+    belong, and they are most of what the LoRA says to any question. An untrained LoRA gives neither away."""
+    (llama, tokenizer), shards = tiny, own_shards(pairs, 4)
+    cohort = Cohort(llama, CUTS, LoraSpec(seed=0), ["slot", "student"])
+    untrained = cohort.state("student")
+    cohort.new_optimizers({"student": (3e-2, False)})
+    for _ in range(60):
+        cohort.step(tokenizer, {"student": shards[1]})
+    got = what_the_aggregator_reads(cohort, tokenizer, pairs, shards, {1: cohort.state("student")})[1]
+    assert (got["read"], got["secrets"], got["of"]) == (2, 2, 2) and got["share"] > 0.5, got
+    nothing = what_the_aggregator_reads(cohort, tokenizer, pairs, shards, {1: untrained})[1]
+    assert (nothing["read"], nothing["secrets"], nothing["share"]) == (0, 0, 0), nothing
+    # scoring every colour for every question against the LoRA it sent, it names the student's two facts
+    inferred = what_the_aggregator_infers(cohort, tokenizer, [p for p, _ in pairs], shards,
+                                          {1: cohort.state("student")}, untrained)[1]
+    assert (inferred["answers"], inferred["facts"], inferred["of"]) == (2, 2, 2), inferred
