@@ -87,7 +87,7 @@ seed. All arms of a seed trained side by side in one
     out = Path(args.out) if args.out else RESULTS
     write_table("federated", "Split federation: each way of training at each learning rate",
                 ["arm", "lr", "loss, median", "loss, range", "exact, median", "exact, range", ""], rows, notes, out=out)
-    chosen = {"best_lr": best, "seeds": args.seeds, "lrs": args.lrs}
+    chosen = {"best_lr": best, "rule": "the lowest loss of the worst seed", "seeds": args.seeds, "lrs": args.lrs}
     (out / "federated.json").write_text(json.dumps(chosen, indent=1) + "\n")
 
 

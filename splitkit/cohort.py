@@ -234,7 +234,8 @@ def updates(clients: dict, start: dict) -> dict:
 
 def drift(clients: dict, start: dict) -> float:
     """Client drift of one round: the root-mean-square distance of the students' updates (of B·A) from their
-    mean, over the mean's norm. 0 when every student moved the same way; about 1 or more when they disagree."""
+    mean, over the mean's norm. 0 when every student moved the same way; √(n − 1) for n students whose moves are
+    unrelated (orthogonal, of equal size); more when they partly undo each other."""
     moves = torch.stack(list(updates(clients, start).values()))  # (students, numbers)
     mean = moves.mean(0)
     return float((moves - mean).pow(2).sum(1).mean().sqrt() / mean.norm().clamp_min(1e-30))
@@ -243,9 +244,9 @@ def drift(clients: dict, start: dict) -> float:
 def what_the_aggregator_reads(cohort: Cohort, tokenizer, pairs: list, shards: dict, clients: dict) -> dict:
     """What an aggregator that knows the public weights and the questions, not the answers, reads from each
     student's LoRA of one round: it asks every question under that LoRA (greedy). {student: {"said": the answers
-    (their first lines),
-    "read": the student's own questions answered right, "secrets": the student's own answers found anywhere in
-    what it said, "share": the fraction of what it said that is one of them, "of": len(shard)}}."""
+    (their first lines), "read": the student's own questions answered right, "secrets": the student's own
+    answers found anywhere in what it said, "share": the fraction of what it said that is one of them,
+    "of": len(shard)}}."""
     slot, prompts, out, heard = cohort.names[0], [p for p, _ in pairs], {}, {}
     for k, state in clients.items():
         if id(state) not in heard:  # one LoRA given for several students (the average) is asked once
