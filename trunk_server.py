@@ -7,8 +7,14 @@ The server is splitkit.server.TrunkServer; this file is only its command line.
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import fields
+
+# The server waits on its socket between requests. OpenMP threads that spin after each op would take the cores
+# that its clients need (on one machine, the notebook's own): they sleep instead, unless the environment says
+# otherwise. libgomp reads this once, when torch loads, so it is set before the first import that loads torch.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from splitkit.models import MODELS, SMOLLM2, load_model
 from splitkit.server import DEFAULT_BIND, Faults, TrunkServer

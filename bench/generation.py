@@ -14,6 +14,7 @@ exactly the same number of tokens; the four take turns, the median of several ru
 
 import argparse
 import copy
+import os
 import time
 from pathlib import Path
 
@@ -107,7 +108,9 @@ def main(argv=None):
     notes = f"""
 {args.model}, cuts {tuple(args.cuts)}, LoRA (r {lora.r}, B drawn with std {args.init_b}) on the client's blocks, {n} new
 tokens per prompt, greedy, questions of the kit's task left-padded to the longest; trunk server in its own process
-on loopback, Trunk on {args.server_device}. Tokens/s: batch × {n} / seconds, median of {args.reps} after
+on loopback, Trunk on {args.server_device}; the server's OpenMP threads wait passively (trunk_server.py sets
+OMP_WAIT_POLICY=PASSIVE unless the environment sets it), this process's as the environment says
+({os.environ.get("OMP_WAIT_POLICY", "not set")}). Tokens/s: batch × {n} / seconds, median of {args.reps} after
 {args.warmup} of warm-up (the spread: slowest–fastest), the four ways in turns. "plain unsplit": transformers'
 generate() on a copy of the model whose LoRA PEFT merged and unloaded (merge_and_unload: no LoRA layer left);
 "unsplit with LoRA layers": on the unsplit model with PEFT's LoRA layers, unmerged (two more matmuls per
