@@ -13,6 +13,8 @@ import random
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+from transformers import DynamicCache
 
 from . import federated as F
 from .data import COLOURS, encode, facts
@@ -96,17 +98,45 @@ class Cohort:
         return logits, labels[:, first:]  # (rows, T - first, vocab), (rows, T - first)
 
     @torch.no_grad()
-    def answers(self, tokenizer, prompts: list, name: str, max_new_tokens: int = 8) -> list[str]:
-        """The greedy answer to each prompt under adapter `name` (transformers' generate, left-padded), up to
-        its end token."""
+    def answer_losses(self, tokenizer, questions: list, candidates: list, name: str) -> torch.Tensor:
+        """(questions, candidates): the loss of each candidate answer to each question under adapter `name`, the
+        loss score() gives the pair (question, answer). The questions run once (left-padded, with transformers'
+        mask and positions), and their KV cache, repeated, serves every candidate: what is shared is not
+        recomputed."""
+        eos, n = tokenizer.eos_token_id, len(candidates)
+        prompts = [tokenizer(q, add_special_tokens=False).input_ids for q in questions]
+        answers = [tokenizer(c, add_special_tokens=False).input_ids + [eos] for c in candidates]
+        P, width = max(map(len, prompts)), max(map(len, answers))
+        ids = torch.tensor([[eos] * (P - len(p)) + p for p in prompts])  # (Q, P), left-padded
+        mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])  # (Q, P)
+        cache = DynamicCache(config=self.model.config)
+        first = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                           past_key_values=cache, use_cache=True, adapter_names=[name] * len(prompts),
+                           logits_to_keep=1).logits  # (Q, 1, vocab): predicts each answer's first token
+        cache.batch_repeat_interleave(n)  # rows q·n … q·n + n − 1 continue question q
+        tails = torch.tensor([a + [eos] * (width - len(a)) for a in answers]).repeat(len(prompts), 1)  # (Q·C, width)
+        labels = torch.tensor([a + [-100] * (width - len(a)) for a in answers]).repeat(len(prompts), 1)
+        rest = self.model(input_ids=tails,
+                          attention_mask=torch.cat([mask.repeat_interleave(n, 0), torch.ones_like(tails)], dim=1),
+                          position_ids=mask.sum(1).repeat_interleave(n)[:, None] + torch.arange(width),
+                          past_key_values=cache, use_cache=True, adapter_names=[name] * len(tails)).logits
+        logits = torch.cat([first.repeat_interleave(n, 0), rest[:, :-1]], dim=1)  # (Q·C, width, vocab): of labels
+        tokens = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+        return (tokens.sum(1) / (labels != -100).sum(1)).view(len(prompts), n)  # each answer's mean, as criterion
+
+    @torch.no_grad()
+    def answers(self, tokenizer, prompts: list, names: list[str], max_new_tokens: int = 8) -> dict:
+        """{name: the greedy answer to each prompt under adapter `name`, up to its end token}: transformers'
+        generate on the prompts left-padded, every adapter's rows in one batch."""
         rows = [tokenizer(p, add_special_tokens=False).input_ids for p in prompts]
         width, pad = max(map(len, rows)), tokenizer.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])  # (P, T)
-        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])  # (P, T)
-        new = self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(rows),
+        ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows] * len(names))  # (names · P, T)
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows] * len(names))  # (names · P, T)
+        new = self.model.generate(input_ids=ids, attention_mask=mask, adapter_names=[n for n in names for _ in rows],
                                   max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=pad,
-                                  pad_token_id=pad)[:, width:]  # (P, ≤ max_new_tokens)
-        return [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+                                  pad_token_id=pad)[:, width:]  # (names · P, ≤ max_new_tokens)
+        said = [tokenizer.decode(row, skip_special_tokens=True) for row in new]
+        return {name: said[j * len(rows):(j + 1) * len(rows)] for j, name in enumerate(names)}
 
 
 # ---------------------------------------------------------------------------------------------- a study in rounds
@@ -222,23 +252,25 @@ def average_of(clients: dict, weights: dict, averaging: str) -> dict:
     return {n: sum(weights[k] / total * s[n] for k, s in clients.items()) for n in next(iter(clients.values()))}
 
 
-def updates(clients: dict, start: dict) -> dict:
-    """{student: every layer's change of B·A over the round, flattened into one vector}."""
-    layers = sorted(n[: -len(".lora_A")] for n in start if n.endswith(".lora_A"))
-
-    def product(s, layer):
-        return (s[f"{layer}.lora_B"] @ s[f"{layer}.lora_A"]).flatten()
-
-    return {k: torch.cat([product(s, layer) - product(start, layer) for layer in layers]) for k, s in clients.items()}
-
-
 def drift(clients: dict, start: dict) -> float:
-    """Client drift of one round: the root-mean-square distance of the students' updates (of B·A) from their
-    mean, over the mean's norm. 0 when every student moved the same way; √(n − 1) for n students whose moves are
-    unrelated (orthogonal, of equal size); more when they partly undo each other."""
-    moves = torch.stack(list(updates(clients, start).values()))  # (students, numbers)
-    mean = moves.mean(0)
-    return float((moves - mean).pow(2).sum(1).mean().sqrt() / mean.norm().clamp_min(1e-30))
+    """Client drift of one round: the root-mean-square distance of the students' updates (the change of B·A in
+    every layer, all layers as one vector) from their mean, over the mean's norm. 0 when every student moved the
+    same way; √(n − 1) for n students whose moves are unrelated (orthogonal, of equal size); more when they partly
+    undo each other. Computed from the rank-r factors, in float64: ⟨B·A, B'·A'⟩ = Σ (BᵀB') ⊙ (A·A'ᵀ)."""
+    states = [start, *clients.values()]
+    n = len(clients)
+    inner = torch.zeros(n + 1, n + 1, dtype=torch.float64)  # ⟨P_i, P_j⟩ summed over layers; P_0 is the start
+    for layer in sorted(name[: -len(".lora_A")] for name in start if name.endswith(".lora_A")):
+        A = [s[f"{layer}.lora_A"].double() for s in states]  # (r, in) each
+        B = [s[f"{layer}.lora_B"].double() for s in states]  # (out, r) each
+        for i in range(n + 1):
+            for j in range(i, n + 1):
+                inner[i, j] += ((B[i].T @ B[j]) * (A[i] @ A[j].T)).sum()
+                inner[j, i] = inner[i, j]
+    moves = inner[1:, 1:] - inner[1:, :1] - inner[:1, 1:] + inner[0, 0]  # ⟨m_i, m_j⟩, m_k = P_k − P_0
+    mean_sq = moves.sum() / n ** 2  # ‖mean move‖²
+    spread_sq = (moves.diagonal().mean() - mean_sq).clamp_min(0)  # mean ‖m_k − mean‖²
+    return float(spread_sq.sqrt() / mean_sq.clamp_min(1e-60).sqrt())
 
 
 def what_the_aggregator_reads(cohort: Cohort, tokenizer, pairs: list, shards: dict, clients: dict) -> dict:
@@ -247,12 +279,14 @@ def what_the_aggregator_reads(cohort: Cohort, tokenizer, pairs: list, shards: di
     (their first lines), "read": the student's own questions answered right, "secrets": the student's own
     answers found anywhere in what it said, "share": the fraction of what it said that is one of them,
     "of": len(shard)}}."""
-    slot, prompts, out, heard = cohort.names[0], [p for p, _ in pairs], {}, {}
+    prompts, out = [p for p, _ in pairs], {}
+    distinct = {id(state): state for state in clients.values()}  # one LoRA given to several students is asked once
+    slots = dict(zip(distinct, cohort.names, strict=False))
+    for key, state in distinct.items():
+        cohort.load(slots[key], state)
+    answers = cohort.answers(tokenizer, prompts, list(slots.values()))
     for k, state in clients.items():
-        if id(state) not in heard:  # one LoRA given for several students (the average) is asked once
-            cohort.load(slot, state)
-            heard[id(state)] = [a.strip().split("\n")[0] for a in cohort.answers(tokenizer, prompts, slot)]
-        said = heard[id(state)]  # the first line of each answer
+        said = [a.strip().split("\n")[0] for a in answers[slots[id(state)]]]  # the first line of each answer
         own = [(i, answer) for i, (p, answer) in enumerate(pairs) if (p, answer) in shards[k]]
         secrets = {answer.strip() for _, answer in own}
         out[k] = {"said": said, "read": sum(is_exact(said[i], answer) for i, answer in own),
@@ -270,16 +304,15 @@ def what_the_aggregator_infers(cohort: Cohort, tokenizer, questions: list, shard
     the student holds; of each one's question: where that answer gained most over the mean of all answers.
     {student: {"answers": guessed answers right, "facts": guessed (question, answer) pairs right, "of": len(shard),
     "guess": [(question, answer)]}}."""
-    rows = [(q, c) for q in questions for c in candidates]
-    slots = cohort.names[:len(clients) + 1]
+    slot = cohort.names[0]
 
-    def losses(slot, state):  # (questions, candidates): the loss of each answer to each question under `state`
+    def losses(state):  # (questions, candidates): the loss of each answer to each question under `state`
         cohort.load(slot, state)
-        return torch.tensor(cohort.score(tokenizer, rows, [slot])[slot]["loss"]).view(len(questions), -1)
+        return cohort.answer_losses(tokenizer, questions, list(candidates), slot)
 
-    before, out = losses(slots[0], sent), {}
-    for slot, (k, state) in zip(slots[1:], clients.items(), strict=True):
-        gain = before - losses(slot, state)  # (questions, candidates)
+    before, out = losses(sent), {}
+    for k, state in clients.items():
+        gain = before - losses(state)  # (questions, candidates)
         answers = gain.mean(0).topk(len(shards[k])).indices.tolist()
         margin = gain - gain.mean(1, keepdim=True)  # how much more an answer gained than the others, per question
         guess = [(questions[int(margin[:, c].argmax())], candidates[c]) for c in answers]

@@ -19,7 +19,7 @@ from splitkit.cohort import (
     what_the_aggregator_infers,
     what_the_aggregator_reads,
 )
-from splitkit.data import encode
+from splitkit.data import COLOURS, encode
 from splitkit.lora import LoraSpec
 from splitkit.testing import max_rel_diff
 
@@ -100,6 +100,26 @@ def test_drift_is_the_spread_of_the_students_updates_over_their_mean():
     assert drift({0: moved(u + v), 1: moved(u - v)}, start) == pytest.approx(2.0)
 
 
+def test_drift_from_the_factors_is_the_spread_of_the_dense_updates():
+    """drift works on the rank-r factors; against the dense updates B·A − B₀·A₀ of random LoRA in two layers of
+    different shapes, four students, as the definition reads."""
+    g = torch.Generator().manual_seed(0)
+
+    def lora():
+        return {"0.q.lora_A": torch.randn(4, 12, generator=g), "0.q.lora_B": torch.randn(12, 4, generator=g),
+                "0.v.lora_A": torch.randn(4, 12, generator=g), "0.v.lora_B": torch.randn(6, 4, generator=g)}
+
+    start, clients = lora(), {k: lora() for k in range(4)}
+    def product(s, p):
+        return s[f"0.{p}.lora_B"].double() @ s[f"0.{p}.lora_A"].double()
+
+    moves = torch.stack([torch.cat([(product(c, p) - product(start, p)).flatten() for p in "qv"])
+                         for c in clients.values()])  # (4, 12·12 + 6·12)
+    mean = moves.mean(0)
+    dense = float((moves - mean).pow(2).sum(1).mean().sqrt() / mean.norm())
+    assert drift(clients, start) == pytest.approx(dense, rel=1e-9)
+
+
 def test_the_aggregator_reads_the_secrets_of_a_students_lora(tiny, pairs):
     """A student trained on its own two facts: under its LoRA the aggregator reads both answers, right where they
     belong, and they are most of what the LoRA says to any question. An untrained LoRA gives neither away."""
@@ -117,3 +137,20 @@ def test_the_aggregator_reads_the_secrets_of_a_students_lora(tiny, pairs):
     inferred = what_the_aggregator_infers(cohort, tokenizer, [p for p, _ in pairs], shards,
                                           {1: cohort.state("student")}, untrained)[1]
     assert (inferred["answers"], inferred["facts"], inferred["of"]) == (2, 2, 2), inferred
+
+
+def test_answer_losses_with_the_question_cached_are_the_scores_of_each_pair(tiny, pairs):
+    """The aggregator's scoring runs each question once and its KV cache for every candidate answer: each loss is
+    the one score() gives the pair (question, answer) in a batch of whole rows, under a trained LoRA."""
+    (llama, tokenizer), shards = tiny, own_shards(pairs, 4)
+    cohort = Cohort(llama, CUTS, LoraSpec(seed=0), ["student"])
+    cohort.new_optimizers({"student": (3e-2, False)})
+    for _ in range(5):
+        cohort.step(tokenizer, {"student": shards[0]})
+    questions, candidates = [p for p, _ in pairs], [" " + c for c in COLOURS]
+    lengths = {len(tokenizer(q, add_special_tokens=False).input_ids) for q in questions}
+    assert len(lengths) > 1  # the questions are left-padded to the longest: padding is exercised
+    cached = cohort.answer_losses(tokenizer, questions, candidates, "student")  # (8, 16)
+    whole = cohort.score(tokenizer, [(q, c) for q in questions for c in candidates], ["student"])["student"]["loss"]
+    assert cached.shape == (8, 16) and cached.std() > 0.01, cached
+    torch.testing.assert_close(cached, torch.tensor(whole).view(8, 16), rtol=1e-5, atol=1e-5)
