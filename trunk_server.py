@@ -13,8 +13,11 @@ from dataclasses import fields
 
 # The server waits on its socket between requests. OpenMP threads that spin after each op would take the cores
 # that its clients need (on one machine, the notebook's own): they sleep instead, unless the environment says
-# otherwise. libgomp reads this once, when torch loads, so it is set before the first import that loads torch.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# otherwise. libgomp reads this once, when torch loads, so it is set before the first import that loads torch, and
+# only in the server's own process: imported (by a test, say), this file leaves the environment, and so the
+# processes started after it, as they were.
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from splitkit.models import MODELS, SMOLLM2, load_model
 from splitkit.server import DEFAULT_BIND, Faults, TrunkServer

@@ -1,5 +1,6 @@
 """The command-line main job and the trunk server's command line."""
 
+import os
 import subprocess
 import sys
 import time
@@ -202,3 +203,12 @@ def test_keys_command_says_what_is_wrong(tmp_path, capsys):
     old = (folder / "server.key").read_bytes()
     assert "every student needs the new" in keys(capsys, folder, "--new-server-key")
     assert (folder / "server.key").read_bytes() != old
+
+
+def test_importing_the_server_script_leaves_the_environment_as_it_was():
+    """trunk_server.py sets OMP_WAIT_POLICY for its own process only: a test that imports it must not hand passive
+    OpenMP waiting to every process started after it (notebook kernels among them)."""
+    code = "import os, trunk_server; print(os.environ.get('OMP_WAIT_POLICY'))"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None", out
