@@ -1,5 +1,6 @@
 """Sessions on a shared trunk server: bounded memory, cleanup, many clients at once, and who may connect."""
 
+import os
 import threading
 import time
 
@@ -155,3 +156,26 @@ def test_the_command_line_refuses_a_public_bind_without_keys(caplog):
 def test_insecure_public_bind_is_allowed_with_a_warning(llama, caplog):
     TrunkServer(llama, CUTS, bind="tcp://0.0.0.0:*", insecure=True)
     assert "WITHOUT encryption" in caplog.text
+
+
+def test_a_server_in_a_thread_keeps_no_threads_between_requests(smollm2, serve):
+    """A server started by start() shares its process with a notebook's kernel. torch gives each thread that computes
+    a team of OpenMP threads, and while the process holds more of them than it has cores, libgomp has every team
+    sleep rather than spin between parallel regions: the kernel's own computing ran ~1.3x slower. So each request
+    runs in a thread that ends with it, and its team with it."""
+    model, _ = smollm2
+    threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731  the process's threads, OpenMP's included
+    step = lambda learner, seed: learner.step(random_batch(model.config.vocab_size, batch=4, seq=32, seed=seed))  # noqa: E731
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)  # teams of two, here and in the server's requests, however many cores there are
+    try:
+        with Learner(model, mode="full", cuts=(10, 20), address=serve(model, (10, 20))) as first:
+            step(first, 0)  # this thread's team, and pyzmq's threads for sending tensors, made once per process
+        serve.servers[-1].stop()  # its thread ends, and with it any team it kept
+        with Learner(model, mode="full", cuts=(10, 20), address=serve(model, (10, 20))) as learner:
+            before = threads()
+            for seed in (1, 2):
+                step(learner, seed)
+                assert threads() == before
+    finally:
+        torch.set_num_threads(was)
