@@ -92,7 +92,7 @@ class TrunkServer:
         """handle(body) in a thread that ends with the request. A server started by start() shares its process with
         a notebook's kernel or a test. libgomp gives each thread that runs torch a team of OpenMP threads, and while
         all teams together hold more threads than there are cores, every team waits for work by sleeping instead
-        of spinning: the kernel's own computing ran ~1.3x slower beside a server thread that had served once.
+        of spinning: the kernel's own computing ran 1.2-1.3x slower beside a server thread that had served once.
         A team ends with its thread, so between requests the kernel's team is alone again."""
         reply = []
         worker = threading.Thread(target=lambda: reply.append(self.handle(body)), name="trunk-request")

@@ -161,7 +161,7 @@ def test_insecure_public_bind_is_allowed_with_a_warning(llama, caplog):
 def test_a_server_in_a_thread_keeps_no_threads_between_requests(smollm2, serve):
     """A server started by start() shares its process with a notebook's kernel. torch gives each thread that computes
     a team of OpenMP threads, and while the process holds more of them than it has cores, libgomp has every team
-    sleep rather than spin between parallel regions: the kernel's own computing ran ~1.3x slower. So each request
+    sleep rather than spin between parallel regions: the kernel's own computing ran 1.2-1.3x slower. So each request
     runs in a thread that ends with it, and its team with it."""
     model, _ = smollm2
     threads = lambda: len(os.listdir("/proc/self/task"))  # noqa: E731  the process's threads, OpenMP's included
