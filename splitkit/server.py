@@ -81,24 +81,12 @@ class TrunkServer:
     def _serve_one(self, endpoint: Endpoint, envelope: list, body: list):
         self.counters["requests"] += 1
         self.counters["bytes_in"] += wire.nbytes(body)
-        reply = self.handle(body) if self._thread is None else self._handle_in_a_thread_of_its_own(body)
+        reply = self.handle(body) if self._thread is None else _in_a_thread_of_its_own(self.handle, body)
         if self.faults.lost(self._random):  # a simulated lost reply (a late one was held back in there)
             self.counters["dropped"] += 1
             return
         self.counters["bytes_out"] += wire.nbytes(reply)
         endpoint.send(envelope, reply)
-
-    def _handle_in_a_thread_of_its_own(self, body: list) -> list:
-        """handle(body) in a thread that ends with the request. A server started by start() shares its process with
-        a notebook's kernel or a test. libgomp gives each thread that runs torch a team of OpenMP threads, and while
-        all teams together hold more threads than there are cores, every team waits for work by sleeping instead
-        of spinning: the kernel's own computing ran 1.2-1.3x slower beside a server thread that had served once.
-        A team ends with its thread, so between requests the kernel's team is alone again."""
-        reply = []
-        worker = threading.Thread(target=lambda: reply.append(self.handle(body)), name="trunk-request")
-        worker.start()
-        worker.join()
-        return reply[0]
 
     def handle(self, frames) -> list:
         """Frames of one request -> frames of its reply. Never raises."""
@@ -239,6 +227,19 @@ class TrunkServer:
         return {**self.identity, **self.sessions.totals(), "rss_bytes": rss_bytes(),
                 "uptime_s": round(now - self._started, 1), **self.counters, "answered": dict(self.answered),
                 "refused": dict(self.refused), **self.sessions.lines(now)}
+
+
+def _in_a_thread_of_its_own(handle, body: list) -> list:
+    """handle(body) in a thread that ends with the request, for a server started by start(): it shares its process
+    with a notebook's kernel or a test. libgomp gives each thread that runs torch a team of OpenMP threads, and while
+    all teams together hold more threads than there are cores, every team waits for work by sleeping instead of
+    spinning: the kernel's own computing ran 1.2-1.3x slower beside a server thread that had served once. A team ends
+    with its thread, so between requests the kernel's team is alone again."""
+    reply = []
+    worker = threading.Thread(target=lambda: reply.append(handle(body)), name="trunk-request")
+    worker.start()
+    worker.join()
+    return reply[0]
 
 
 def _came_in(header: dict) -> str:
