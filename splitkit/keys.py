@@ -19,6 +19,8 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 log = logging.getLogger("splitkit.server")
+SAY_EVERY_S = 60.0  # a refused key is logged at most this often
+SAY_KEYS = 1024  # refused keys remembered for that, at most
 STUDENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 def is_loopback(address: str) -> bool:
@@ -110,6 +112,9 @@ class AuthorizedKeys:
         self.folder, self.every_s = Path(folder), every_s
         self.keys = frozenset()  # Z85 public keys; replaced whole, never changed in place
         self._seen, self._checked, self._trouble = None, float("-inf"), None
+        self.handshakes_refused = 0  # counted by the authenticator's thread alone
+        self.requests_from_withdrawn = 0  # counted by the serving thread alone
+        self._said = {}  # (what, key) -> when it was last logged
         self.refresh()
 
     def refresh(self):
@@ -134,15 +139,52 @@ class AuthorizedKeys:
         self.keys, self._seen = keys, seen
 
     def callback(self, domain: str, key: bytes) -> bool:
-        """ZAP's question at a CURVE handshake: may this client key (Z85) in?"""
-        return key in self.keys
+        """ZAP's question at a CURVE handshake: may this client key (Z85) in? A refusal is counted and logged."""
+        if key in self.keys:
+            return True
+        self.handshakes_refused += 1
+        self._say("refused a CURVE handshake", key)
+        return False
 
     def allows(self, frame: zmq.Frame) -> bool:
-        """Whether a received message part came from a key still authorized (its User-Id, set at the handshake)."""
+        """Whether a received message part came from a key still authorized (its User-Id, set at the handshake);
+        a request from one that is not is counted and logged."""
         try:
-            return frame.get("User-Id").encode() in self.keys
+            key = frame.get("User-Id").encode()
         except zmq.ZMQError:  # no User-Id: not a CURVE connection
-            return False
+            key = None
+        if key is not None and key in self.keys:
+            return True
+        self.requests_from_withdrawn += 1
+        self._say("dropped a request", key or b"?")
+        return False
+
+    def counts(self) -> dict:
+        """What the server's stats report of the keys it turned away."""
+        return {"handshakes_refused": self.handshakes_refused,
+                "requests_from_withdrawn_keys": self.requests_from_withdrawn}
+
+    def _say(self, what: str, key: bytes):
+        """Log what was refused and whose key it was, once a minute at most for each kind and key: each try of
+        a refused client, and each cell a student runs again, knocks again."""
+        now = time.monotonic()
+        if now - self._said.get((what, key), float("-inf")) < SAY_EVERY_S:
+            return
+        if len(self._said) >= SAY_KEYS:  # many keys knocking: forget when the older ones were said
+            self._said.clear()
+        self._said[what, key] = now
+        log.warning("%s from key %s…: %s, not authorized in %s", what, key[:8].decode(errors="replace"),
+                    self.whose(key), self.folder)
+
+    def whose(self, key: bytes) -> str:
+        """Whose key this is, by the students' folders beside the authorized one (DIR/students/NAME)."""
+        for secret in sorted(self.folder.parent.glob("students/*/client.key_secret")):
+            try:
+                if zmq.auth.load_certificate(secret)[0] == key:
+                    return f"{secret.parent.name}'s key, withdrawn"
+            except (OSError, ValueError):
+                continue
+        return f"no student's key in {self.folder.parent / 'students'}"
 
 
 def serve_curve(ctx: zmq.Context, sock: zmq.Socket, curve_dir) -> tuple[ThreadAuthenticator, AuthorizedKeys]:

@@ -226,7 +226,7 @@ class TrunkServer:
         now = time.monotonic()
         return {**self.identity, **self.sessions.totals(), "rss_bytes": rss_bytes(),
                 "uptime_s": round(now - self._started, 1), **self.counters, "answered": dict(self.answered),
-                "refused": dict(self.refused), **self.sessions.lines(now)}
+                "refused": dict(self.refused), **self.endpoint.key_counts(), **self.sessions.lines(now)}
 
 
 def _in_a_thread_of_its_own(handle, body: list) -> list:

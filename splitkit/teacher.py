@@ -90,6 +90,9 @@ def render(stats: dict, rate: dict | None) -> str:
               ("mb-in", "MiB in", f"{stats['bytes_in'] / MIB:.2f}"),
               ("mb-out", "MiB out", f"{stats['bytes_out'] / MIB:.2f}"),
               ("errors", "errors and refusals", stats["errors"]), ("refused", "by code", refused)]
+    if "handshakes_refused" in stats:  # a server with CURVE keys: what it turned away before any request
+        totals += [("handshakes-refused", "keys refused at the handshake", stats["handshakes_refused"]),
+                   ("withdrawn", "requests from withdrawn keys", stats["requests_from_withdrawn_keys"])]
     per_s = [] if rate is None else [
         ("requests-per-s", "requests / s", f"{rate['requests']:.1f}"),
         ("steps-per-s", "steps / s", f"{rate['steps']:.2f}"),

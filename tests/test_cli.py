@@ -152,7 +152,7 @@ def served_until_refused(c, h1, within_s: float = 15.0):
 
 
 def test_keys_command_issues_and_withdraws_a_students_key_on_a_running_server(tmp_path, capsys, llama, serve,
-                                                                               client):
+                                                                               client, caplog):
     folder, cuts, h1 = tmp_path / "class", (2, 4), torch.zeros(1, 2, llama.config.hidden_size)
     keys(capsys, folder)
     out = keys(capsys, folder, "--add", "alice", "--add", "bob")
@@ -173,7 +173,12 @@ def test_keys_command_issues_and_withdraws_a_students_key_on_a_running_server(tm
     with pytest.raises(TrunkUnavailable):
         alice.stats()
     assert bob.forward(h1).shape == h1.shape
-    assert client(address, timeout=2, retries=0, curve_dir=folder / "students" / "bob").stats()["sessions"] >= 1
+    seen = client(address, timeout=2, retries=0, curve_dir=folder / "students" / "bob").stats()
+    assert seen["sessions"] >= 1
+    # the server counted both refusals, and its log names alice for each
+    assert seen["requests_from_withdrawn_keys"] >= 1 and seen["handshakes_refused"] >= 1
+    said = [r.getMessage() for r in caplog.records if "alice's key, withdrawn" in r.getMessage()]
+    assert [m.split(" from ")[0] for m in said] == ["dropped a request", "refused a CURVE handshake"]
     # a student added while the server runs gets in, within a few of its handshakes' retries
     keys(capsys, folder, "--add", "carol")
     carol = client(address, timeout=2, retries=3, curve_dir=folder / "students" / "carol")

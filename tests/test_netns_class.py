@@ -274,6 +274,12 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
     assert 2 * 2 - 0.5 < refused["seconds"] < 2 * 2 + 3  # two tries of 2 s, then the error
     fast = {"alice": medians(alice, 1), "bob": medians(bob, 1), "carol": medians(carol, 0)}
     print(f"withdrawn key (erin, Learner): TrunkUnavailable after {refused['seconds']:.2f} s (timeout 2 s, 2 tries)")
+    # the teacher sees her: counted in the stats, and named in the server's log once
+    knocked = view.said("sessions")[-1]["handshakes_refused"]
+    named = [line for line in server.stderr().splitlines() if "refused a CURVE handshake" in line]
+    print(f"the server refused {knocked} handshakes by then; its log: {named}")
+    assert knocked >= 1 and len(named) == 1
+    assert "erin's key, withdrawn, not authorized in classkeys/authorized" in named[0]
     print("together, every link fast: median step s", {w: round(t, 4) for w, t in fast.items()})
     assert server.process.poll() is None
 

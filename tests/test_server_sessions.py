@@ -11,6 +11,7 @@ from splitkit import Learner, TrunkError, TrunkServer, TrunkUnavailable
 from splitkit import protocol as P
 from splitkit.keys import make_keys
 from splitkit.sessions import Limits
+from splitkit.teacher import render
 from splitkit.testing import free_port, random_batch
 
 from .strategies import D
@@ -133,13 +134,23 @@ def test_curve_keys_keep_out_a_client_without_keys(llama, tmp_path, serve, clien
         client(address, timeout=0.5, retries=0).stats()
 
 
-def test_curve_keys_keep_out_a_key_the_server_never_authorized(llama, tmp_path, serve, client):
+def test_curve_keys_keep_out_a_key_the_server_never_authorized(llama, tmp_path, serve, client, caplog):
     keys = make_keys(tmp_path / "keys")
     address = serve(llama, CUTS, curve_dir=keys)
     other = make_keys(tmp_path / "other")
     (other / "server.key").write_bytes((keys / "server.key").read_bytes())
     with pytest.raises(TrunkUnavailable):
         client(address, timeout=0.5, retries=0, curve_dir=other).stats()
+    # the server counts the refused handshakes and logs the key once, as no student's
+    stats = serve.servers[-1].stats()
+    assert stats["handshakes_refused"] >= 1 and stats["requests_from_withdrawn_keys"] == 0
+    refusals = [r.getMessage() for r in caplog.records if "refused a CURVE handshake" in r.getMessage()]
+    assert len(refusals) == 1 and f"no student's key in {keys / 'students'}" in refusals[0]
+    # the teacher's view shows the count from a server with keys, and no such line from one without
+    shown = "class='sk-handshakes-refused' style='text-align:right;padding:0 8px'>{}</td>"
+    assert shown.format(stats["handshakes_refused"]) in render(stats, None)
+    plain = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*").stats()
+    assert "handshakes_refused" not in plain and "sk-handshakes-refused" not in render(plain, None)
 
 
 def test_public_bind_needs_keys_or_insecure(llama):
