@@ -11,6 +11,7 @@ keys, if it has any, are in $SPLITKIT_CURVE_DIR.
 import itertools
 import os
 import secrets
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,7 @@ from .models import fingerprint
 
 REQUEST_TIMEOUT = 30.0  # seconds to wait for one reply
 REQUEST_RETRIES = 2     # resends after a timeout, each on a fresh socket
+MAX_REPLY_BYTES = 1 << 30  # ZMQ_MAXMSGSIZE of a client: the largest reply it reads
 PROBE_TIMEOUT = 10.0    # seconds the class server has to answer one `stats` before a notebook goes on without it
 
 TRUNK_ENV = "SPLITKIT_TRUNK"       # the class server's address, set before starting JupyterLab
@@ -76,6 +78,7 @@ class TrunkClient:
         self._trunk_lora = None  # (names, tensors): the newest trunk LoRA, restored after a restart
         self._ctx = zmq.Context.instance()
         self._sock = None
+        self._monitor = None  # with keys: the socket's handshake failures, to say a refusal as one
 
     # ------------------------------------------------------------------ the ops
 
@@ -196,14 +199,22 @@ class TrunkClient:
     def _request(self, header: dict, tensors=(), dtype: str | None = None):
         header = dict(header, session=self.session, id=next(self._ids))
         frames = wire.encode(header, tensors, dtype=dtype or self.wire_dtype)
+        sent_none, refused = True, None  # no try got its request out: no connection was made; why, if known
         for _ in range(self.retries + 1):
+            deadline = time.monotonic() + self.timeout  # one try: its send and its wait for the reply, together
             sock = self._socket()
-            sock.send_multipart(frames, copy=False)
+            try:
+                sock.send_multipart(frames, copy=False)  # bounded by SNDTIMEO: raises zmq.Again when no peer took it
+            except zmq.Again:
+                refused = self._refused() or refused
+                self._close_socket()
+                continue
+            sent_none = False
             self.bytes_sent += wire.nbytes(frames)
-            if sock.poll(self.timeout * 1000):
+            if sock.poll(max(0.0, deadline - time.monotonic()) * 1000):
                 reply = sock.recv_multipart(copy=False)
                 self.bytes_received += wire.nbytes(reply)
-                rh, rt = wire.decode(reply)
+                rh, rt = self._decode_reply(reply, header, [t.shape for t in tensors])
                 self.messages.append({"op": header["op"], "sent": [list(t.shape) for t in tensors],
                                       "sent_bytes": wire.nbytes(frames), "received": [list(t.shape) for t in rt],
                                       "received_bytes": wire.nbytes(reply), "dtype": dtype or self.wire_dtype,
@@ -213,25 +224,66 @@ class TrunkClient:
                     raise TrunkError(f"trunk server at {self.address}: {rh.get('error')}", rh.get("code", "?"))
                 return rh, rt
             self._close_socket()  # a REQ socket that got no reply cannot send again: start afresh
+        if refused and sent_none:
+            raise TrunkUnavailable(refused)
         raise TrunkUnavailable(
             f"no answer from the trunk server at {self.address} to {header['op']!r} within "
-            f"{self.timeout:g} s, {self.retries + 1} tries. Is trunk_server.py running there, with the "
-            f"same address{' and keys' if self.curve_dir else ''}? (python trunk_server.py --help)"
-            + ("" if self.curve_dir else " A server run with --curve-dir answers no client without a key: give "
-                                         "curve_dir, or set $SPLITKIT_CURVE_DIR, to the folder of yours."))
+            f"{self.timeout:g} s, {self.retries + 1} tries"
+            + (" (no connection was made: nothing listening there, or a handshake that failed)" if sent_none else "")
+            + f". Is trunk_server.py running there, with the same address{' and keys' if self.curve_dir else ''}? "
+              "(python trunk_server.py --help)"
+            + ("" if self.curve_dir else " A server run with --curve-dir answers no client without a key: "
+                                         + NO_KEY_ADVICE))
+
+    def _decode_reply(self, reply, header: dict, sent: list) -> tuple[dict, list]:
+        """The reply's (header, tensors), checked: a malformed reply, or one to another request, is a TrunkError."""
+        try:
+            rh, rt = wire.decode(reply)
+        except wire.WireError as e:
+            raise TrunkError(f"trunk server at {self.address} sent a malformed reply to {header['op']!r}: {e}",
+                             P.BAD_REPLY) from None
+        if not isinstance(rh.get("ok"), bool):
+            raise TrunkError(f"trunk server at {self.address} sent a reply to {header['op']!r} without a "
+                             "true or false 'ok'", P.BAD_REPLY)
+        if rh.get("id") != header["id"] and not (rh.get("id") is None and rh["ok"] is False):
+            raise TrunkError(f"trunk server at {self.address} answered request {rh.get('id')!r} where "
+                             f"{header['id']} ({header['op']!r}) was asked", P.BAD_REPLY)
+        if rh["ok"] and (problem := P.check_reply(header["op"], rh, rt, sent)):
+            raise TrunkError(f"trunk server at {self.address} sent a reply to {header['op']!r} that does not "
+                             f"fit: {problem}", P.BAD_REPLY)
+        return rh, rt
 
     def _socket(self):
         if self._sock is None:
             sock = self._ctx.socket(zmq.REQ)
             sock.linger = 0
+            # A REQ socket's send blocks while it has no peer, and a refused CURVE handshake leaves it none for
+            # good: IMMEDIATE queues a request only on a connection whose handshake is done, and SNDTIMEO bounds
+            # the wait for one, so that a send too ends within the timeout.
+            sock.immediate = True
+            sock.sndtimeo = max(1, int(self.timeout * 1000))
+            sock.maxmsgsize = MAX_REPLY_BYTES  # a bigger reply drops the connection unread: no allocation of it
             if self.curve_dir is not None:
                 connect_curve(sock, self.curve_dir)
+                self._monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH)
             sock.connect(self.address)
             self._sock = sock
         return self._sock
 
+    def _refused(self) -> str | None:
+        """Why no connection was made, if the server said so: a CURVE handshake refused for this key."""
+        if self._monitor is None or not self._monitor.poll(0):
+            return None
+        return (f"the trunk server at {self.address} refused this client's key ({self.curve_dir}) in the CURVE "
+                "handshake: it is not authorized there, or not any more. Ask your teacher whether your key was "
+                "withdrawn, or whether the folder is the one they gave you.")
+
     def _close_socket(self):
         if self._sock is not None:
+            if self._monitor is not None:
+                self._sock.disable_monitor()
+                self._monitor.close(linger=0)
+                self._monitor = None
             self._sock.close(linger=0)
             self._sock = None
 
@@ -242,6 +294,9 @@ class TrunkClient:
         self.close()
 
 
+NO_KEY_ADVICE = (f"give the folder of keys your teacher gave you: --curve-dir FOLDER on the command line, "
+                 f"curve_dir=FOLDER in Python (TrunkClient, Learner), or set ${CURVE_ENV}=FOLDER, which the command "
+                 f"line always reads and Python reads for the class server's address, ${TRUNK_ENV}.")
 KEY_FILES = ("client.key_secret", "server.key")  # what a client's curve_dir holds: its key pair, the server's key
 
 

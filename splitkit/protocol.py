@@ -34,6 +34,7 @@ CACHE_MISSING = "cache_missing"      # no KV cache for this generation at this l
 BUSY = "busy"                        # the server is at its session limit: try again later
 INTERNAL = "internal"                # a bug in the server; the server goes on
 UNAVAILABLE = "unavailable"          # (client side) no answer within the timeout, after every retry
+BAD_REPLY = "bad_reply"              # (client side) the server's reply breaks the format or does not fit the request
 CODES = (BAD_REQUEST, UNKNOWN_SESSION, MISMATCH, STALE, STATE_MISSING, CACHE_MISSING, BUSY, INTERNAL)
 
 
@@ -206,3 +207,41 @@ def _id(header) -> int | None:
     rid = header.get("id") if isinstance(header, dict) else None
     return rid if type(rid) is int else None
 
+
+
+# ------------------------------------------------------------------ the client's checks of a reply
+
+_ONE_TENSOR_LIKE_THE_FIRST_SENT = (FORWARD, BACKWARD, INFER)  # h2 or dL/dh1: the shape of h1 or dL/dh2
+
+
+def check_reply(op: str, header: dict, tensors: list, sent: list) -> str | None:
+    """What is wrong with a success reply to `op`, whose request carried tensors of the shapes `sent`; None if
+    nothing. The client runs this on every reply, so that a bad server gives it an error, never a crash."""
+    if op in _ONE_TENSOR_LIKE_THE_FIRST_SENT:
+        if len(tensors) != 1:
+            return f"expected 1 tensor, got {len(tensors)}"
+        if list(tensors[0].shape) != list(sent[0]):
+            return f"expected shape {list(sent[0])}, got {list(tensors[0].shape)}"
+        if not wire.all_finite(tensors[0]):
+            return "the tensor contains NaN or infinity"
+        return None
+    if op in (STEP, LORA_STATE):
+        names = header.get("names")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+            return "'names' must be a list of distinct parameter names"
+        if len(names) != len(tensors):
+            return f"{len(names)} names for {len(tensors)} tensors"
+        return None
+    if tensors:
+        return f"expected no tensors, got {len(tensors)}"
+    if op == RELEASE and not isinstance(header.get("released"), bool):
+        return "'released' must be true or false"
+    if op == STATS:
+        cuts, fp = header.get("cuts"), header.get("fingerprint")
+        if not (isinstance(cuts, list) and len(cuts) == 2 and all(type(c) is int for c in cuts)):
+            return "'cuts' must be a list of two integers"
+        if type(header.get("hidden_size")) is not int or not isinstance(header.get("model"), str):
+            return "'hidden_size' must be an integer and 'model' a string"
+        if not (isinstance(fp, dict) and all(isinstance(fp.get(k), str) for k in ("config", "trunk"))):
+            return "'fingerprint' must be an object with 'config' and 'trunk' strings"
+    return None

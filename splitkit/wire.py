@@ -81,7 +81,7 @@ def decode_header(raw: bytes) -> dict:
     if not isinstance(header, dict):
         raise WireError(f"header must be a JSON object, not {type(header).__name__}")
     if type(header.get("v")) is not int or header["v"] != PROTOCOL:
-        raise WireError(f"protocol version {header.get('v')!r} is not this server's {PROTOCOL}")
+        raise WireError(f"protocol version {header.get('v')!r} is not {PROTOCOL}, the one this kit speaks")
     return header
 
 
