@@ -10,6 +10,7 @@ import threading
 from contextlib import contextmanager
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from .keys import check_bind, serve_curve
 
@@ -26,6 +27,8 @@ class Endpoint:
             log.warning("serving %s WITHOUT encryption or authentication (--insecure)", bind)
         self.bind, self.curve_dir = bind, curve_dir
         self.address, self.sock, self.error = None, None, None  # the bound address (a `*` port resolved)
+        self.monitor = None  # with CURVE: the socket's connections and handshakes, to count clients without a key
+        self._handshakes = {}  # monitor event -> how many
         self.keys = None  # with CURVE: the authorized keys, kept up to date with curve_dir/authorized
         self.ready = threading.Event()  # set once open() has bound the socket or failed to
 
@@ -37,6 +40,9 @@ class Endpoint:
         try:
             self.sock, auth, self.keys = bind(ctx, self.bind, self.curve_dir)
             self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            if self.keys is not None:
+                self.monitor = self.sock.get_monitor_socket(
+                    zmq.EVENT_ACCEPTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         except Exception as e:  # reported to start(), and to the command line
             self.error = RuntimeError(f"cannot serve on {self.bind}: {e}")
             ctx.term()
@@ -46,6 +52,9 @@ class Endpoint:
         try:
             yield self
         finally:
+            if self.monitor is not None:
+                self.sock.disable_monitor()
+                self.monitor.close(linger=0)
             self.sock.close()
             if auth is not None:
                 auth.stop()
@@ -66,6 +75,7 @@ class Endpoint:
         unanswered, as one from a key never authorized (whose handshake fails) does."""
         if self.keys is not None:
             self.keys.refresh()
+            self._read_monitor()
         if not self.sock.poll(timeout_ms):
             return None
         frames = self.sock.recv_multipart(copy=False)
@@ -73,6 +83,17 @@ class Endpoint:
             return None  # counted and logged by allows
         split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
         return [f.bytes for f in frames[:split_at]], frames[split_at:]
+
+    def _read_monitor(self):
+        """Count the connections whose handshake failed before any key was checked (a client without a key): the
+        authenticator never hears of them, and which side notices the mismatch first is a race, so they are
+        counted as connections accepted less those whose handshake succeeded or was refused for its key."""
+        while self.monitor.poll(0):
+            event = recv_monitor_message(self.monitor)["event"]
+            self._handshakes[event] = self._handshakes.get(event, 0) + 1
+        accepted, done = self._handshakes.get(zmq.EVENT_ACCEPTED, 0), sum(
+            self._handshakes.get(e, 0) for e in (zmq.EVENT_HANDSHAKE_SUCCEEDED, zmq.EVENT_HANDSHAKE_FAILED_AUTH))
+        self.keys.without_key(accepted - done)
 
     def key_counts(self) -> dict:
         """With CURVE, how many handshakes and requests were refused for their keys; nothing without."""

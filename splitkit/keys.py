@@ -114,6 +114,8 @@ class AuthorizedKeys:
         self._seen, self._checked, self._trouble = None, float("-inf"), None
         self.handshakes_refused = 0  # counted by the authenticator's thread alone
         self.requests_from_withdrawn = 0  # counted by the serving thread alone
+        self.handshakes_without_key = 0  # counted by the serving thread, from the socket's monitor (Endpoint)
+        self._refused_keys = set()  # the distinct keys refused at a handshake, up to SAY_KEYS of them
         self._said = {}  # (what, key) -> when it was last logged
         self.refresh()
 
@@ -143,6 +145,8 @@ class AuthorizedKeys:
         if key in self.keys:
             return True
         self.handshakes_refused += 1
+        if len(self._refused_keys) < SAY_KEYS:
+            self._refused_keys.add(key)
         self._say("refused a CURVE handshake", key)
         return False
 
@@ -161,8 +165,19 @@ class AuthorizedKeys:
 
     def counts(self) -> dict:
         """What the server's stats report of the keys it turned away."""
-        return {"handshakes_refused": self.handshakes_refused,
+        return {"handshakes_refused": self.handshakes_refused, "keys_refused": len(self._refused_keys),
+                "handshakes_without_key": self.handshakes_without_key,
                 "requests_from_withdrawn_keys": self.requests_from_withdrawn}
+
+    def without_key(self, failed: int):
+        """`failed` connections so far whose handshake failed before any key was checked: a client that came with no
+        key at all. Logged once a minute at most when the count grows; ZeroMQ tells neither a key nor an address."""
+        grew, self.handshakes_without_key = failed > self.handshakes_without_key, max(failed, 0)
+        now = time.monotonic()
+        if grew and now - self._said.get(("no key", b""), float("-inf")) >= SAY_EVERY_S:
+            self._said["no key", b""] = now
+            log.warning("refused a client that came without a CURVE key (%d so far): give each student the folder "
+                        "`python -m splitkit keys %s --add NAME` makes", failed, self.folder.parent)
 
     def _say(self, what: str, key: bytes):
         """Log what was refused and whose key it was, once a minute at most for each kind and key: each try of

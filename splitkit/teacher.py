@@ -91,7 +91,9 @@ def render(stats: dict, rate: dict | None) -> str:
               ("mb-out", "MiB out", f"{stats['bytes_out'] / MIB:.2f}"),
               ("errors", "errors and refusals", stats["errors"]), ("refused", "by code", refused)]
     if "handshakes_refused" in stats:  # a server with CURVE keys: what it turned away before any request
-        totals += [("handshakes-refused", "keys refused at the handshake", stats["handshakes_refused"]),
+        totals += [("handshakes-refused", "handshakes refused (tries)", stats["handshakes_refused"]),
+                   ("keys-refused", "distinct keys refused", stats["keys_refused"]),
+                   ("without-key", "tries without a key", stats["handshakes_without_key"]),
                    ("withdrawn", "requests from withdrawn keys", stats["requests_from_withdrawn_keys"])]
     per_s = [] if rate is None else [
         ("requests-per-s", "requests / s", f"{rate['requests']:.1f}"),

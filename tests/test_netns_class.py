@@ -270,7 +270,7 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
     trained(carol, 0, tmp / "carol")
     assert erin.finish() == 3
     refused = erin.said("unavailable")[0]
-    assert ADDRESS in refused["unavailable"] and "and keys?" in refused["unavailable"]
+    assert ADDRESS in refused["unavailable"] and "refused this client's key" in refused["unavailable"]
     assert 2 * 2 - 0.5 < refused["seconds"] < 2 * 2 + 3  # two tries of 2 s, then the error
     fast = {"alice": medians(alice, 1), "bob": medians(bob, 1), "carol": medians(carol, 0)}
     print(f"withdrawn key (erin, Learner): TrunkUnavailable after {refused['seconds']:.2f} s (timeout 2 s, 2 tries)")
@@ -278,7 +278,7 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
     knocked = view.said("sessions")[-1]["handshakes_refused"]
     named = [line for line in server.stderr().splitlines() if "refused a CURVE handshake" in line]
     print(f"the server refused {knocked} handshakes by then; its log: {named}")
-    assert knocked >= 1 and len(named) == 1
+    assert knocked >= 1 and len(named) == 1 and view.said("sessions")[-1]["keys_refused"] == 1  # erin's alone
     assert "erin's key, withdrawn, not authorized in classkeys/authorized" in named[0]
     print("together, every link fast: median step s", {w: round(t, 4) for w, t in fast.items()})
     assert server.process.poll() is None
@@ -339,9 +339,10 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
           "carol's command line trained meanwhile:", [t.strip() for t in cli.text if t.startswith("after")][0])
     assert server.process.poll() is None
     deadline = time.monotonic() + 10
-    while (last := view.said("sessions")[-1])["sessions"] or last["states"]:
+    while (last := view.said("sessions")[-1])["sessions"] or last["states"] or not last["handshakes_without_key"]:
         assert time.monotonic() < deadline, last
         time.sleep(0.2)
+    print(f"the teacher's view counted {last['handshakes_without_key']} tries without a key (dave's)")
 
     # --- the teacher's view, read from alice's namespace all along
     stop.touch()
@@ -383,8 +384,9 @@ def test_flower_rounds_across_machines_average_as_the_simulation_does(classroom,
         key = line.split("=")[0].strip()
         lines.append(f"{key} = {FLOWER_CONFIG[key]}" if key in FLOWER_CONFIG and "=" in line else line)
     saved = tmp / "flower-rounds.pt"
+    lines = [f'save-rounds = "{saved}"' if line.startswith("save-rounds") else line for line in lines]
     (teacher / "flower").mkdir()
-    (teacher / "flower" / "pyproject.toml").write_text("\n".join(lines + [f'save-rounds = "{saved}"', ""]))
+    (teacher / "flower" / "pyproject.toml").write_text("\n".join(lines + [""]))
     env = {"FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     started = time.monotonic()
     link = room.start("teacher", doc_argv(SUPERLINK), cwd=teacher, name="superlink", env=env)
