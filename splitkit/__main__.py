@@ -7,6 +7,7 @@
 """
 
 import argparse
+import csv
 import logging
 import os
 import sys
@@ -70,7 +71,8 @@ def cmd_train(args) -> int:
         server = TrunkServer(model, args.cuts, bind="tcp://127.0.0.1:*")
         address = server.start()
         print(f"started a trunk server for blocks [{args.cuts[0]}, {args.cuts[1]}) on {address}")
-    learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr, curve_dir=args.curve_dir,
+    curve_dir = args.curve_dir or (os.environ.get(CURVE_ENV) if server is None else None)  # none for our own server
+    learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr, curve_dir=curve_dir,
                       timeout=args.timeout, retries=args.retries)  # local: the client options go unused
     try:
         print("before:", evaluate(learner, tokenizer, dataset))
@@ -82,13 +84,23 @@ def cmd_train(args) -> int:
         plot_losses([history]).savefig(out / "loss.png", dpi=100)
         plot_lora_changes([history], model.config.num_hidden_layers).savefig(out / "lora_change.png", dpi=100)
         save_adapter(learner, model, out / "adapter")
-        print(f"wrote {out / 'loss.png'}, {out / 'lora_change.png'} and the PEFT adapter {out / 'adapter'} "
+        write_losses(history, out / "losses.csv")
+        print(f"wrote {out / 'loss.png'}, {out / 'lora_change.png'}, the loss of every step in {out / 'losses.csv'} "
+              f"and the PEFT adapter {out / 'adapter'} "
               f"(PeftModel.from_pretrained(base_model, {str(out / 'adapter')!r}))")
     finally:
         learner.close()
         if server is not None:
             server.stop()
     return 0
+
+
+def write_losses(history, path: Path):
+    """The training loss of every step, one row each (step, loss): what two runs compare to say they trained alike."""
+    with open(path, "w", newline="") as f:
+        rows = csv.writer(f)
+        rows.writerow(["step", "loss"])
+        rows.writerows((step, repr(loss)) for step, loss in enumerate(history.loss, 1))
 
 
 def cmd_keys(args) -> int:
@@ -146,7 +158,7 @@ def main(argv=None) -> int:
     pt.add_argument("--address", help=f"trunk server to use (default: ${TRUNK_ENV}, else start one here)")
     pt.add_argument("--curve-dir", help="the folder of keys your teacher gave you (server.key and client.key_secret: "
                                         "`python -m splitkit keys DIR --add NAME` made it); none on loopback (default: "
-                                        f"${CURVE_ENV} when the address is ${TRUNK_ENV})")
+                                        f"${CURVE_ENV}, unless no address is given and a server is started here)")
     pt.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT,
                     help="seconds to wait for each answer of the trunk server (default: %(default)s)")
     pt.add_argument("--retries", type=int, default=REQUEST_RETRIES,

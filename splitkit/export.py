@@ -6,6 +6,7 @@ the layer PEFT expects, and `PeftModel.from_pretrained(base_model, folder)` give
 """
 
 import copy
+import json
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ def save_adapter(learner, base_model, folder) -> Path:
     folder = Path(folder)
     if learner.mode == LOCAL:
         learner.model.save_pretrained(folder)
-        return folder
+        return _stable_config(folder)
     trained = {**dict(lora_parameters(learner.bottom)), **dict(lora_parameters(learner.top))}
     if learner.mode == FULL_TRUNK:
         trained.update(learner.client.trunk_lora())  # the server's copy of this session's Trunk LoRA
@@ -35,4 +36,15 @@ def save_adapter(learner, base_model, folder) -> Path:
         for name, weight in slots.items():
             weight.copy_(trained[name])
     unsplit.save_pretrained(folder)
+    return _stable_config(folder)
+
+
+def _stable_config(folder: Path) -> Path:
+    """PEFT writes target_modules in a set's order, which differs between processes: sort it, and the keys, so that
+    two identical runs write identical folders."""
+    path = folder / "adapter_config.json"
+    config = json.loads(path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder

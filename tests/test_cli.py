@@ -34,6 +34,19 @@ def test_train_command_on_the_kit_task_prints_evaluation_and_writes_plots_and_ad
     assert out.returncode == 0, out.stderr
     assert "before: {'train': 'exact match 0%'}" in out.stdout and "after 3 steps (full)" in out.stdout
     assert_wrote_plots_and_adapter(tmp_path / "out")
+    losses = (tmp_path / "out" / "losses.csv").read_text().splitlines()
+    assert losses[0] == "step,loss" and [row.split(",")[0] for row in losses[1:]] == ["1", "2", "3"]
+    assert f"loss {float(losses[1].split(',')[1]):.2f} -> {float(losses[-1].split(',')[1]):.2f}" in out.stdout
+    # the same run again, in another process: every file it writes is the same, byte for byte (diff -r is empty)
+    again = train(tmp_path / "again", "--mode", "full+trunk")
+    first = train(tmp_path / "first", "--mode", "full+trunk")
+    assert again.returncode == first.returncode == 0, again.stderr + first.stderr
+    files = {p.relative_to(tmp_path / "first" / "out") for p in (tmp_path / "first" / "out").rglob("*") if p.is_file()}
+    assert files == {p.relative_to(tmp_path / "again" / "out") for p in (tmp_path / "again" / "out").rglob("*")
+                     if p.is_file()} and Path("losses.csv") in files
+    differ = [f for f in files if (tmp_path / "first" / "out" / f).read_bytes() != (tmp_path / "again" / "out" / f)
+              .read_bytes()]
+    assert not differ, f"two identical runs wrote different {differ}"
 
 
 @pytest.mark.parametrize("name, text", [
