@@ -226,14 +226,15 @@ def make_server_app(config: dict | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context):
         settings = run_settings({**dict(context.run_config), **(config or {})})
+        saving = rounds_file(settings)
         clients = int(settings.get("clients", 2))
         strategy = SplitFedAvg(settings["averaging"], min_train_nodes=clients, min_available_nodes=clients)
         model, _ = _model(settings["model"])
         strategy.start(grid=grid, initial_arrays=ArrayRecord(initial_lora(model, settings)),
                        num_rounds=int(settings["rounds"]), train_config=ConfigRecord(_flat(settings)))
-        if settings.get("save-rounds"):  # a file (torch.save): every round, each client's LoRA and metrics included
+        if saving:  # a file (torch.save): every round, each client's LoRA and metrics included
             torch.save([{"number": r.number, "clients": r.clients, "metrics": r.metrics, "average": r.average}
-                        for r in strategy.rounds], settings["save-rounds"])
+                        for r in strategy.rounds], saving)
 
     return app
 
@@ -338,6 +339,16 @@ def _flwr_run(command: list, tmp: Path, quiet: bool) -> tuple[list, str | None]:
     finally:
         _stop(marker)  # `flwr run` leaves the SuperLink it started running: it is ours to stop
     return log, failure
+
+
+def rounds_file(settings: dict) -> Path | None:
+    """Where the ServerApp saves its rounds (`save-rounds`), checked before the first round: an absolute path, since
+    the ServerApp runs in a process of Flower's whose working folder is not the one `flwr run` ran in; None if ""."""
+    saving = settings.get("save-rounds") or None
+    if saving is not None and not Path(saving).is_absolute():
+        raise ValueError(f"save-rounds must be an absolute path, not {saving!r}: the ServerApp runs in a process "
+                         "of Flower's, whose working folder is not the one flwr run ran in")
+    return None if saving is None else Path(saving)
 
 
 def _app_config() -> dict:

@@ -4,6 +4,7 @@ average, and the loss falls; the run leaves no process behind, failed or not."""
 
 import contextlib
 import os
+from pathlib import Path
 
 import psutil
 import pytest
@@ -90,7 +91,11 @@ def test_the_settings_take_cuts_as_a_string_as_a_pyproject_gives_them():
     assert flower["components"] == {"serverapp": "splitkit.federated:server_app",
                                     "clientapp": "splitkit.federated:client_app"}
     settings = F.run_settings(flower["config"])
-    assert settings.keys() == F.DEFAULTS.keys() | {"clients"} and settings["cuts"] == [10, 20]
+    assert settings.keys() == F.DEFAULTS.keys() | {"clients", "save-rounds"} and settings["cuts"] == [10, 20]
+    # save-rounds: nothing by default, an absolute path, and a relative one refused before any round
+    assert F.rounds_file(settings) is None and F.rounds_file({"save-rounds": "/tmp/r.pt"}) == Path("/tmp/r.pt")
+    with pytest.raises(ValueError, match="absolute path, not 'rounds.pt'"):
+        F.rounds_file({"save-rounds": "rounds.pt"})
 
 
 def test_averaging_the_products_is_exact_when_their_sum_fits_the_rank():
