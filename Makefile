@@ -11,7 +11,7 @@ CHROMIUM ?= /usr/bin/chromium
 ROOT_USER := $(filter 0,$(shell id -u))
 SUDO := $(if $(ROOT_USER),,sudo)
 
-.PHONY: setup lab test lint bench clean
+.PHONY: setup lab test test-float-paths lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,6 +33,18 @@ lab: setup
 
 test: setup $(CHROMIUM) lint
 	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+
+# The suite (or FLOAT_TESTS) under each of torch's CPU float paths: its native kernels, AVX2 and the default
+# (MKL told the same), each with 1 and 2 threads; a check whose truth flips with rounding fails one of them.
+# About 25 minutes a path on 2 cores for the whole suite: FLOAT_TESTS="tests/test_cohort.py notebooks/09_split_federated.ipynb"
+FLOAT_TESTS ?= tests notebooks
+test-float-paths: setup
+	for cap in native avx2 default; do for threads in 2 1; do \
+		echo "== ATEN_CPU_CAPABILITY=$$cap, $$threads thread(s)"; \
+		env $$([ $$cap = native ] || echo ATEN_CPU_CAPABILITY=$$cap MKL_ENABLE_INSTRUCTIONS=AVX2) \
+			OMP_NUM_THREADS=$$threads SPLITKIT_CHROMIUM=$(CHROMIUM) \
+			$(PY) -m pytest $(FLOAT_TESTS) --nbval-lax -p no:cacheprovider -q $(PYTEST_ARGS) || exit 1; \
+	done; done
 
 # ruff, as configured in pyproject.toml: the code, the tests, the benchmarks and the notebooks
 lint: setup

@@ -9,6 +9,18 @@ from splitkit import LoraSpec, TrunkClient, TrunkServer, load_model
 
 RTOL = 1e-5  # split against unsplit: the largest relative difference a gradient check allows
 
+# Time limits by kind (pytest-timeout), several times the longest seen on a 2-core machine: a unit test's is in
+# pyproject.toml; a notebook cell (09's study runs about 4 minutes in one cell); the class across namespaces and the
+# browser tests, which start servers, JupyterLab and Flower's processes.
+TIMEOUT_S = {"notebook cell": 900, "test_netns_class.py": 900, "test_browser.py": 600, "test_browser_lab.py": 600}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        kind = "notebook cell" if item.path.suffix == ".ipynb" else item.path.name
+        if kind in TIMEOUT_S and item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(TIMEOUT_S[kind]))
+
 
 @pytest.fixture(scope="session")
 def smollm2():

@@ -127,10 +127,14 @@ def test_the_aggregator_reads_the_secrets_of_a_students_lora(tiny, pairs):
     cohort = Cohort(llama, CUTS, LoraSpec(seed=0), ["slot", "student"])
     untrained = cohort.state("student")
     cohort.new_optimizers({"student": (3e-2, False)})
-    for _ in range(60):
+    for step in range(1, 241):  # until the student answers its own two questions: how long varies with rounding
         cohort.step(tokenizer, {"student": shards[1]})
-    got = what_the_aggregator_reads(cohort, tokenizer, pairs, shards, {1: cohort.state("student")})[1]
-    assert (got["read"], got["secrets"], got["of"]) == (2, 2, 2) and got["share"] > 0.5, got
+        if step % 20 == 0:
+            got = what_the_aggregator_reads(cohort, tokenizer, pairs, shards, {1: cohort.state("student")})[1]
+            if got["read"] == 2:
+                break
+    assert (got["read"], got["of"]) == (2, 2), f"the student had not learned its facts after {step} steps: {got}"
+    assert got["secrets"] == 2 and got["share"] > 0.5, got  # its answers are most of what it says to any question
     nothing = what_the_aggregator_reads(cohort, tokenizer, pairs, shards, {1: untrained})[1]
     assert (nothing["read"], nothing["secrets"], nothing["share"]) == (0, 0, 0), nothing
     # scoring every colour for every question against the LoRA it sent, it names the student's two facts
