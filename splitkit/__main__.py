@@ -4,6 +4,7 @@
     python -m splitkit keys DIR           CURVE key pairs for a server that others can reach
     python -m splitkit keys DIR --add NAME    issue student NAME a key (--remove NAME withdraws it, --list)
     python -m splitkit train --mode full  fine-tune, print the evaluation, write plots and a PEFT adapter
+    python -m splitkit serve --cuts 10 20 serve the Trunk (trunk_server.py's flags: serve --help)
 """
 
 import argparse
@@ -13,16 +14,16 @@ import os
 import sys
 from pathlib import Path
 
-from . import data
-from .client import CURVE_ENV, REQUEST_RETRIES, REQUEST_TIMEOUT, TRUNK_ENV, TrunkError
-from .datafiles import DataError, Dataset, load_data, perplexity, text_batches
-from .export import save_adapter
-from .generation import exact_match
-from .keys import add_student, authorized, make_keys, remove_student
-from .models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
-from .protocol import LOCAL, MODES
-from .server import TrunkServer
-from .train import Learner, train
+from .core import data
+from .core.models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
+from .training.datafiles import DataError, Dataset, load_data, perplexity, text_batches
+from .training.export import save_adapter
+from .training.generation import exact_match
+from .training.train import Learner, train
+from .trunk.server import TrunkServer
+from .wire.client import REQUEST_RETRIES, REQUEST_TIMEOUT, TrunkError
+from .wire.keys import CURVE_ENV, TRUNK_ENV, add_student, authorized, make_keys, remove_student
+from .wire.protocol import LOCAL, MODES
 
 TRAIN_EXAMPLES = """examples:
   the kit's task (16 made-up facts, exact match on the same facts: memorisation):
@@ -54,7 +55,7 @@ def evaluate(learner, tokenizer, dataset) -> dict:
 def cmd_train(args) -> int:
     import matplotlib
     matplotlib.use("Agg")
-    from .plots import plot_lora_changes, plot_losses
+    from .teaching.plots import plot_lora_changes, plot_losses
 
     model, tokenizer = load_model(args.model)
     if args.data:
@@ -131,10 +132,24 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def cmd_serve(argv: list, own_process: bool) -> int:
+    """trunk_server.py's command line. Its OpenMP threads must wait passively, set before torch loads: splitkit has
+    loaded it by now, so a process of the command line's own starts again with OMP_WAIT_POLICY set (unless set)."""
+    if own_process and "OMP_WAIT_POLICY" not in os.environ:
+        os.execve(sys.executable, [sys.executable, "-m", "splitkit", "serve", *argv],
+                  {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"})
+    from .trunk.command import main as serve
+    return serve(argv, prog="python -m splitkit serve")
+
+
 def main(argv=None) -> int:
+    own_process, argv = argv is None, sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["serve"]:
+        return cmd_serve(argv[1:], own_process)
     p = argparse.ArgumentParser(prog="python -m splitkit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="run a trunk server: the flags of trunk_server.py (python -m splitkit serve --help)")
     pp = sub.add_parser("prepare", help="convert SmolLM2 from its GGUF file and cache it")
     pp.add_argument("--force", action="store_true", help="convert again even if cached")
     pk = sub.add_parser("keys", help="make server and client CURVE key pairs in DIR; issue and withdraw students' "

@@ -34,12 +34,12 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from .data import batches
-from .defences import Defence, clip_rows
-from .lora import LoraSpec
-from .privacy import top_logits
-from .server import TrunkServer
-from .train import Learner
+from ..core.data import batches
+from ..core.lora import LoraSpec
+from ..training.defences import Defence, clip_rows
+from ..training.train import Learner
+from ..trunk.server import TrunkServer
+from .probes import top_logits
 
 
 def _scores(model, h1, inversion):  # (T, d) -> (T, vocab)

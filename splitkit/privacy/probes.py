@@ -13,11 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import protocol as P
-from . import wire
-from .defences import Guard
-from .server import TrunkServer
-from .split import Blocks, Bottom
+from ..core.split import Blocks, Bottom
+from ..training.defences import Guard
+from ..trunk.server import TrunkServer
+from ..wire import codec as wire
+from ..wire import protocol as P
 
 # Private sentences of the kind a client would not want to share: names, numbers, places.
 SENTENCES = [
@@ -86,7 +86,7 @@ def nearest_tokens(model, h1):  # (..., d) -> (...) token ids
 def fit_inversions(model, cuts, n_tokens: int = 8192, seq_len: int = 64, seed: int = 0, defence=None) -> dict:
     """{a: W (d, d)}, the least-squares linear map with h1 @ W ~ embedding(token) at each cut, fitted on
     random token sequences the attacker makes up (no access to the client's data). With a `defence`
-    (splitkit.defences.Defence) the attacker is adaptive: it fits on h1 that went through that defence."""
+    (splitkit.training.defences.Defence) the attacker is adaptive: it fits on h1 that went through that defence."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (n_tokens // seq_len, seq_len), generator=g)  # (N, T)
     target = model.get_input_embeddings()(ids).flatten(0, 1)  # (N*T, d)

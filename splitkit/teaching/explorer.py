@@ -12,12 +12,12 @@ import threading
 import torch
 from matplotlib.figure import Figure
 
-from .lora import LoraSpec
-from .protocol import DETACH, FULL, FULL_TRUNK, SERVER_MODES, STEP
-from .server import TrunkServer
-from .split import check_cuts, count_parameters, split_model
-from .testing import max_rel_diff, random_batch, reference_grads
-from .train import Learner
+from ..core.lora import LoraSpec
+from ..core.split import check_cuts, count_parameters, split_model
+from ..training.testing import max_rel_diff, random_batch, reference_grads
+from ..training.train import Learner
+from ..trunk.server import TrunkServer
+from ..wire.protocol import DETACH, FULL, FULL_TRUNK, SERVER_MODES, STEP
 
 NOTHING_TO_COMPARE = "nothing to compare"  # the gradient check's answer when the client has no LoRA
 

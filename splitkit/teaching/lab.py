@@ -18,13 +18,13 @@ from matplotlib.ticker import FuncFormatter
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import data
-from .generation import exact_match
-from .lora import LoraSpec
+from ..core import data
+from ..core.lora import LoraSpec
+from ..core.split import split_model
+from ..training.generation import exact_match
+from ..training.train import History, Learner, record_step
+from ..trunk.server import class_or_own
 from .plots import LOSS_LABEL, PART_COLOURS, layer_changes
-from .server import class_or_own
-from .split import split_model
-from .train import History, Learner, record_step
 
 LINE_COLOURS = {"detach": "tab:red", "full": "tab:purple", "full+trunk": "tab:green"}  # unlike the parts' colours
 
@@ -51,7 +51,7 @@ class LabResult:
     histories: dict = field(default_factory=dict)
     exact_match: dict = field(default_factory=dict)  # mode -> (train, held-out)
     stopped: bool = False
-    trunk: str = ""  # which trunk server the run used, and why (splitkit.server.class_or_own's line)
+    trunk: str = ""  # which trunk server the run used, and why (splitkit.trunk.server.class_or_own's line)
 
     def rows(self) -> list[dict]:
         """One row a mode: bytes per step (the client's counters), seconds per step, ΔW of the Bottom, exact match."""

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .lora import lora_parameters, unsplit_reference
-from .protocol import FULL_TRUNK, LOCAL
+from ..core.lora import lora_parameters, unsplit_reference
+from ..wire.protocol import FULL_TRUNK, LOCAL
 
 
 def save_adapter(learner, base_model, folder) -> Path:

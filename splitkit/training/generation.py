@@ -12,10 +12,10 @@ import contextlib
 import torch
 from transformers import DynamicCache, LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
-from .client import TrunkError
-from .lora import Merged
-from .protocol import LOCAL
-from .split import left_padding, padding_of
+from ..core.lora import Merged
+from ..core.split import left_padding, padding_of
+from ..wire.client import TrunkError
+from ..wire.protocol import LOCAL
 
 
 @torch.no_grad()

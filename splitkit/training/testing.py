@@ -13,11 +13,11 @@ from pathlib import Path
 
 import torch
 
-from .client import TrunkClient, TrunkError
-from .lora import LoraSpec, lora_grads, unsplit_reference
+from ..core.lora import LoraSpec, lora_grads, unsplit_reference
+from ..wire.client import TrunkClient, TrunkError
 from .train import criterion
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: splitkit/training/testing.py is two folders down
 
 
 def free_port() -> int:

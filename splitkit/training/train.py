@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .client import RemoteTrunk, TrunkClient
-from .data import encode
+from ..core.data import encode
+from ..core.lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
+from ..core.split import check_cuts, left_padding, padding_of, split_model
+from ..wire.client import TrunkClient
+from ..wire.protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
+from ..wire.remote import RemoteTrunk
 from .defences import Defence, Guard
-from .lora import LoraSpec, add_lora, lora_delta_norms, lora_grads, lora_parameters, unsplit_reference
-from .protocol import DETACH, FULL, FULL_TRUNK, LOCAL, MODES
-from .split import check_cuts, left_padding, padding_of, split_model
 
 
 def criterion(logits, labels):
@@ -40,7 +41,7 @@ class Learner:
     Learner(model, mode="full", cuts=(10, 20), address=...) copies `model`, puts LoRA where `mode`
     trains it and opens a session on the trunk server at `address`. "local" needs no server; with
     train_trunk=False it puts LoRA only on the blocks a split run keeps on the client. `defence`
-    (splitkit.defences.Defence) clips and noises h1 and dL/dh2 before they are sent, or adds NoPeek's penalty.
+    (splitkit.training.defences.Defence) clips and noises h1 and dL/dh2 before they are sent, or adds NoPeek's penalty.
     """
 
     def __init__(self, model, *, mode: str = FULL, cuts=(10, 20), address: str | None = None,

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from .keys import check_bind, serve_curve
+from ..wire.keys import check_bind, serve_curve
 
-log = logging.getLogger("splitkit.server")
+log = logging.getLogger("splitkit.trunk.server")
 
 MAX_MESSAGE_BYTES = 256 << 20  # ZMQ_MAXMSGSIZE: a peer that sends a bigger frame is disconnected, unanswered
 

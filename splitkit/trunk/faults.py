@@ -8,7 +8,7 @@ import logging
 import time
 from dataclasses import dataclass, fields
 
-log = logging.getLogger("splitkit.server")
+log = logging.getLogger("splitkit.trunk.server")
 
 
 @dataclass

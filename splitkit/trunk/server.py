@@ -14,18 +14,19 @@ from dataclasses import dataclass
 
 import torch
 
-from . import protocol as P
-from . import wire
-from .client import PROBE_TIMEOUT, class_server
+from ..core.lora import lora_delta_norms
+from ..core.models import fingerprint
+from ..core.split import check_cuts
+from ..wire import codec as wire
+from ..wire import protocol as P
+from ..wire.client import PROBE_TIMEOUT
+from ..wire.protocol import Refused
+from ..wire.remote import class_server
 from .endpoint import Endpoint, rss_bytes
 from .faults import Faults
-from .lora import lora_delta_norms
-from .models import fingerprint
-from .protocol import Refused
 from .sessions import Limits, Session, Sessions, State
-from .split import check_cuts
 
-log = logging.getLogger("splitkit.server")
+log = logging.getLogger("splitkit.trunk.server")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 POLL_MS = 100  # how often the loop looks up from the socket to sweep and to stop

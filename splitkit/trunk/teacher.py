@@ -12,7 +12,7 @@ import time
 
 import ipywidgets as widgets
 
-from .client import TrunkClient, TrunkError
+from ..wire.client import TrunkClient, TrunkError
 
 MIB = 1 << 20
 

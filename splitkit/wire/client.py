@@ -1,15 +1,13 @@
-"""The client side of the wire: TrunkClient, and RemoteTrunk, which makes the remote Trunk differentiable.
+"""The client side of the wire: TrunkClient, one session with a trunk server.
 
 TrunkClient is the zguide's Lazy Pirate client (lpclient.py): a REQ socket, a timeout on
 every request, and on timeout close the socket, reconnect and resend, a bounded number of
 times, then give up with an error that says what to check. Requests carry ids, so a resent
 request that the server already ran is answered from its reply cache, not run twice.
-class_server asks the class server ($SPLITKIT_TRUNK) whether it runs the caller's model at the caller's cuts; its
-keys, if it has any, are in $SPLITKIT_CURVE_DIR.
+RemoteTrunk (remote.py) makes the server's Trunk a differentiable module over this client.
 """
 
 import itertools
-import os
 import secrets
 import time
 from collections import deque
@@ -18,20 +16,17 @@ from pathlib import Path
 
 import torch
 import zmq
-from torch import nn
 
+from ..core.models import fingerprint
+from . import codec as wire
 from . import protocol as P
-from . import wire
-from .keys import connect_curve
-from .models import fingerprint
+from .keys import KEY_FILES, NO_KEY_ADVICE, class_keys, connect_curve
 
 REQUEST_TIMEOUT = 30.0  # seconds to wait for one reply
 REQUEST_RETRIES = 2     # resends after a timeout, each on a fresh socket
 MAX_REPLY_BYTES = 1 << 30  # ZMQ_MAXMSGSIZE of a client: the largest reply it reads
 PROBE_TIMEOUT = 10.0    # seconds the class server has to answer one `stats` before a notebook goes on without it
 
-TRUNK_ENV = "SPLITKIT_TRUNK"       # the class server's address, set before starting JupyterLab
-CURVE_ENV = "SPLITKIT_CURVE_DIR"   # the folder of keys the teacher gave, if the class server has keys
 
 
 class TrunkError(RuntimeError):
@@ -294,78 +289,6 @@ class TrunkClient:
         self.close()
 
 
-NO_KEY_ADVICE = (f"give the folder of keys your teacher gave you: --curve-dir FOLDER on the command line, "
-                 f"curve_dir=FOLDER in Python (TrunkClient, Learner), or set ${CURVE_ENV}=FOLDER, which the command "
-                 f"line always reads and Python reads for the class server's address, ${TRUNK_ENV}.")
-KEY_FILES = ("client.key_secret", "server.key")  # what a client's curve_dir holds: its key pair, the server's key
-
-
-def class_keys(address: str) -> Path | None:
-    """$SPLITKIT_CURVE_DIR when `address` is the class server's ($SPLITKIT_TRUNK): the keys a client of that server
-    uses unless it is given others. None for any other address."""
-    folder = os.environ.get(CURVE_ENV)
-    return Path(folder) if folder and address == os.environ.get(TRUNK_ENV) else None
-
-
-def class_server(model, cuts, timeout: float = PROBE_TIMEOUT) -> tuple[str | None, str]:
-    """($SPLITKIT_TRUNK, a line that says so) if that server runs the Trunk of `model` split at `cuts`; (None, why
-    not) if it is not set, does not answer one `stats` within `timeout` seconds, or runs other cuts or another model."""
-    address = os.environ.get(TRUNK_ENV)
-    if not address:
-        return None, f"${TRUNK_ENV} is not set"
-    where, cuts = f"the class server at {address}", tuple(cuts)
-    try:
-        with TrunkClient(address, timeout=timeout, retries=0) as probe:
-            stats = probe.stats()
-    except TrunkUnavailable:
-        keys = class_keys(address)
-        return None, (f"no answer from {where} within {timeout:g} s (is it running there? "
-                      + (f"are the keys in ${CURVE_ENV}={keys} authorized?)" if keys else
-                         f"if it has keys, set ${CURVE_ENV} to the folder your teacher gave you)"))
-    except (TrunkError, ValueError, OSError, zmq.ZMQError) as e:  # a refusal, an address or a key folder unusable
-        return None, f"cannot use {where}: {e}"
-    if tuple(stats["cuts"]) != cuts:
-        return None, f"{where} runs cuts {tuple(stats['cuts'])}, not {cuts}"
-    mine = fingerprint(model, cuts)
-    if stats["hidden_size"] != model.config.hidden_size or stats["fingerprint"]["config"] != mine["config"]:
-        return None, f"{where} runs another model ({stats['model']}), not {model.config.name_or_path}"
-    if stats["fingerprint"]["trunk"] != mine["trunk"]:
-        return None, f"{where} runs {stats['model']} with other weights in blocks [{cuts[0]}, {cuts[1]})"
-    return address, f"using {where} ({stats['model']}, cuts {cuts})"
-
-
 def _given(**fields) -> dict:
     """The optional header fields that have a value."""
     return {k: v for k, v in fields.items() if v is not None}
-
-
-class _RemoteTrunkFunction(torch.autograd.Function):
-    """h2 = Trunk(h1) on the server; backward sends dL/dh2 and returns the server's dL/dh1."""
-
-    @staticmethod
-    def forward(ctx, h1, client, pad):
-        ctx.client, ctx.key, ctx.pad = client, client.new_key(), pad
-        ctx.save_for_backward(h1)  # kept for the stateless fallback
-        return client.forward(h1, key=ctx.key, pad=pad)  # (B, T, d)
-
-    @staticmethod
-    def backward(ctx, g2):
-        (h1,) = ctx.saved_tensors
-        return ctx.client.backward(g2.contiguous(), ctx.key, h1, pad=ctx.pad), None, None  # dL/dh1 only
-
-
-class RemoteTrunk(nn.Module):
-    """The server's Trunk as a module: differentiable when its input needs a gradient (or the trunk trains)."""
-
-    def __init__(self, client: TrunkClient, train_trunk: bool = False):
-        super().__init__()
-        self.client, self.train_trunk = client, train_trunk
-
-    def forward(self, h1, pad: list | None = None):  # (B, T, d) -> (B, T, d); pad: each row's left padding
-        if not torch.is_grad_enabled():
-            return self.client.forward(h1, pad=pad)
-        if not h1.requires_grad:
-            if not self.train_trunk:
-                return self.client.forward(h1, pad=pad)
-            h1 = h1.detach().requires_grad_(True)  # a = 0: only the trunk LoRA needs the backward
-        return _RemoteTrunkFunction.apply(h1, self.client, pad)

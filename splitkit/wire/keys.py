@@ -18,7 +18,7 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-log = logging.getLogger("splitkit.server")
+log = logging.getLogger("splitkit.trunk.server")
 SAY_EVERY_S = 60.0  # a refused key is logged at most this often
 SAY_KEYS = 1024  # refused keys remembered for that, at most
 STUDENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -222,3 +222,20 @@ def connect_curve(sock: zmq.Socket, curve_dir):
     """Make `sock` a CURVE client with the key pair and the server's public key in `curve_dir`."""
     sock.curve_publickey, sock.curve_secretkey = zmq.auth.load_certificate(Path(curve_dir) / "client.key_secret")
     sock.curve_serverkey, _ = zmq.auth.load_certificate(Path(curve_dir) / "server.key")
+
+
+TRUNK_ENV = "SPLITKIT_TRUNK"       # the class server's address, set before starting JupyterLab
+CURVE_ENV = "SPLITKIT_CURVE_DIR"   # the folder of keys the teacher gave, if the class server has keys
+
+
+NO_KEY_ADVICE = (f"give the folder of keys your teacher gave you: --curve-dir FOLDER on the command line, "
+                 f"curve_dir=FOLDER in Python (TrunkClient, Learner), or set ${CURVE_ENV}=FOLDER, which the command "
+                 f"line always reads and Python reads for the class server's address, ${TRUNK_ENV}.")
+KEY_FILES = ("client.key_secret", "server.key")  # what a client's curve_dir holds: its key pair, the server's key
+
+
+def class_keys(address: str) -> Path | None:
+    """$SPLITKIT_CURVE_DIR when `address` is the class server's ($SPLITKIT_TRUNK): the keys a client of that server
+    uses unless it is given others. None for any other address."""
+    folder = os.environ.get(CURVE_ENV)
+    return Path(folder) if folder and address == os.environ.get(TRUNK_ENV) else None

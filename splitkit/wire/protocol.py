@@ -5,8 +5,8 @@ The checks are pure: a header (a dict) or tensors in, a value out, or `Refused` 
 """
 
 
-from . import wire
-from .lora import LoraSpec
+from ..core.lora import LoraSpec
+from . import codec as wire
 
 VERSION = wire.PROTOCOL
 

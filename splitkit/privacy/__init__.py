@@ -1,0 +1,29 @@
+"""What the trunk server can read, measured: the attacks a curious or malicious server can run on what crosses
+the wire (`attacks`: white-box search, answer matching, a shadow Bottom) and the probes notebook 06 and the privacy
+benchmark are made of (`probes`: inversions, label probes, curious and steering servers).
+
+It imports the core, the wire, the client's training (its defences) and the trunk server, whose ops the probes
+run directly; nothing below imports it.
+"""
+
+from .attacks import answer_match, linear_read, secret_positions, secrets_recovered, shadow_bottom, whitebox_search
+from .probes import (
+                     SECRETS,
+                     SENTENCES,
+                     CuriousServer,
+                     SteeringServer,
+                     encode_sentences,
+                     fit_inversions,
+                     gradient_reach,
+                     hidden_by_cut,
+                     label_probe,
+                     nearest_tokens,
+                     recovered_tokens,
+                     recovery,
+                     top_logits,
+)
+
+__all__ = ["SECRETS", "SENTENCES", "CuriousServer", "SteeringServer", "answer_match", "encode_sentences",
+           "fit_inversions", "gradient_reach", "hidden_by_cut", "label_probe", "linear_read", "nearest_tokens",
+           "recovered_tokens", "recovery", "secret_positions", "secrets_recovered", "shadow_bottom", "top_logits",
+           "whitebox_search"]
