@@ -1,4 +1,4 @@
-"""What every benchmark shares: the machine it ran on, medians, tables (servers come from splitkit.testing)."""
+"""What every benchmark shares: the machine it ran on, medians, tables (servers come from splitkit.training.testing)."""
 
 import os
 import platform

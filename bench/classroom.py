@@ -20,8 +20,8 @@ from pathlib import Path
 
 from _common import write_table
 from splitkit import Learner, TrunkClient, load_model
-from splitkit.models import SMOLLM2
-from splitkit.testing import ServerProcess, random_batch
+from splitkit.core.models import SMOLLM2
+from splitkit.training.testing import ServerProcess, random_batch
 
 
 def parse_size(text: str) -> tuple[int, int]:

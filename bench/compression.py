@@ -15,9 +15,9 @@ from pathlib import Path
 
 from _common import in_turns, median_ms, timed_step, write_table
 from splitkit import Learner, load_model, wire
-from splitkit.data import batches, facts
-from splitkit.models import SMOLLM2
-from splitkit.testing import ServerProcess, max_rel_diff, random_batch
+from splitkit.core.data import batches, facts
+from splitkit.core.models import SMOLLM2
+from splitkit.training.testing import ServerProcess, max_rel_diff, random_batch
 from step import parse_size
 
 DTYPES = wire.WIRE_DTYPES  # float32, float16, bfloat16, blockwise8

@@ -1,6 +1,6 @@
 """Learning rates for notebook 09's split federation: each way of training tried at several, over seeds.
 
-The study of notebook 09 (splitkit.cohort: 4 students with 2 facts each, 6 rounds of 2 local steps, every
+The study of notebook 09 (splitkit.federated.study: 4 students with 2 facts each, 6 rounds of 2 local steps, every
 optimizer fresh each round) at each learning rate of a grid, for three arms: FedAvg of A and B, FedAvg with A
 frozen (FFA-LoRA), and one client with all the facts. Each arm's best rate (the lowest loss on all facts
 after the last round in its worst seed) is what notebook 09 uses; federated.json holds them.
@@ -15,9 +15,19 @@ from pathlib import Path
 
 from _common import RESULTS, write_table
 from splitkit import load_model
-from splitkit.cohort import FACTS, LOCAL_STEPS, ROUNDS, STUDENTS, Arm, cohort_for, own_shards, run_rounds, study_facts
-from splitkit.lora import LoraSpec
-from splitkit.models import SMOLLM2
+from splitkit.core.lora import LoraSpec
+from splitkit.core.models import SMOLLM2
+from splitkit.federated.study import (
+    FACTS,
+    LOCAL_STEPS,
+    ROUNDS,
+    STUDENTS,
+    Arm,
+    cohort_for,
+    own_shards,
+    run_rounds,
+    study_facts,
+)
 
 ARMS = {"federated, A and B": dict(averaging="ab"), "federated, A frozen": dict(averaging="ab", freeze_a=True),
         "all the data": dict(averaging=None)}
@@ -82,7 +92,7 @@ the answer tokens, in nats per token, averaged over the {args.facts} facts, afte
 whose greedy answer is right. Median and range over seeds {seeds} (each seed: its own shuffle of the answers and
 its own LoRA init). Best: the lowest worst-seed loss (the largest of the range), a rate that trains every
 seed. All arms of a seed trained side by side in one
-`splitkit.cohort.Cohort`.
+`splitkit.federated.cohort.Cohort`.
 """
     out = Path(args.out) if args.out else RESULTS
     write_table("federated", "Split federation: each way of training at each learning rate",

@@ -23,10 +23,10 @@ from peft.tuners.lora import LoraLayer
 
 from _common import in_turns, write_table
 from splitkit import Learner, LoraSpec, load_model
-from splitkit.data import facts
-from splitkit.generation import generate_ids
-from splitkit.models import SMOLLM2
-from splitkit.testing import ServerProcess
+from splitkit.core.data import facts
+from splitkit.core.models import SMOLLM2
+from splitkit.training.generation import generate_ids
+from splitkit.training.testing import ServerProcess
 
 WAYS = ("plain unsplit, cached", "unsplit with LoRA layers, cached", "split, cached", "split, uncached")
 PLAIN, SPLIT, UNCACHED = WAYS[0], WAYS[2], WAYS[3]
@@ -114,7 +114,7 @@ OMP_WAIT_POLICY=PASSIVE unless the environment sets it), this process's as the e
 {args.warmup} of warm-up (the spread: slowest–fastest), the four ways in turns. "plain unsplit": transformers'
 generate() on a copy of the model whose LoRA PEFT merged and unloaded (merge_and_unload: no LoRA layer left);
 "unsplit with LoRA layers": on the unsplit model with PEFT's LoRA layers, unmerged (two more matmuls per
-layer per token). The split merges the client's LoRA into its weights for each generation (splitkit.lora.Merged)
+layer per token). The split merges the client's LoRA into its weights for each generation (splitkit.core.lora.Merged)
 and puts the very weights back after it. Targets: split cached ≥ 0.85× the plain unsplit model's cached
 generate() and ≥ 5× the uncached split. Every way made the same tokens as the plain unsplit model:
 {", ".join(f"{k} B = {b}: {'yes' if s else 'NO'}" for (k, b), s in same.items())}.

@@ -2,17 +2,17 @@
 public weights and the defence.
 
 For each setting a `full` client trains LoRA on the kit's 16 facts for a fixed budget, through a curious server
-(splitkit.privacy.CuriousServer) that keeps what it receives. Then:
+(splitkit.privacy.probes.CuriousServer) that keeps what it receives. Then:
 - utility: the task's loss on the 16 facts (training) and on 16 facts it never saw (held out), and exact match on
   the 16, all through the client's parts with its defence on;
-- the input: the client sends the private sentences (splitkit.privacy.SENTENCES) through its trained Bottom and
+- the input: the client sends the private sentences (splitkit.privacy.probes.SENTENCES) through its trained Bottom and
   its defence; the server reads them back with the white-box search through the public Bottom (it knows the
   defence, not the client's LoRA; against NoPeek, which acts through training, it searches through a shadow
   Bottom it trained the same way on other facts of the same kind) and with the learned inversion refitted
   through the defence (adaptive);
-  tokens read back exactly, and secrets (splitkit.privacy.SECRETS) read back whole;
+  tokens read back exactly, and secrets (splitkit.privacy.probes.SECRETS) read back whole;
 - the labels: from the last step's dL/dh2 the server picks each row's answer among the task's 16 possible ones
-  (splitkit.attacks.answer_match, under the public Top);
+  (splitkit.privacy.attacks.answer_match, under the public Top);
 - the cost: the median step time against no defence's, side by side in the same run.
 Where noise enters, each setting runs with several seeds and the table gives medians (and the range).
 
@@ -34,13 +34,13 @@ import torch
 
 from _common import RESULTS, in_turns, timed_step, write_table
 from splitkit import Learner, load_model
-from splitkit.attacks import answer_match, linear_read, secrets_recovered, shadow_bottom, whitebox_sentences
-from splitkit.data import batches, encode, facts
-from splitkit.defences import Defence
-from splitkit.models import SMOLLM2
-from splitkit.privacy import SECRETS, SENTENCES, CuriousServer, encode_sentences, fit_inversions
-from splitkit.split import Bottom, split_model
-from splitkit.train import criterion, evaluate
+from splitkit.core.data import batches, encode, facts
+from splitkit.core.models import SMOLLM2
+from splitkit.core.split import Bottom, split_model
+from splitkit.privacy.attacks import answer_match, linear_read, secrets_recovered, shadow_bottom, whitebox_sentences
+from splitkit.privacy.probes import SECRETS, SENTENCES, CuriousServer, encode_sentences, fit_inversions
+from splitkit.training.defences import Defence
+from splitkit.training.train import criterion, evaluate
 
 
 def settings(h1_bound: float, g2_bound: float, a: int, depths) -> list[tuple[str, str, int, Defence]]:

@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from _common import write_table
-from splitkit.models import SMOLLM2
-from splitkit.testing import ServerProcess
+from splitkit.core.models import SMOLLM2
+from splitkit.training.testing import ServerProcess
 
 PROBE = """
 import json, time

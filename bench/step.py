@@ -15,8 +15,8 @@ from pathlib import Path
 
 from _common import in_turns, median_ms, ratio, timed_step, write_table
 from splitkit import Learner, LoraSpec, load_model
-from splitkit.models import SMOLLM2
-from splitkit.testing import ServerProcess, random_batch
+from splitkit.core.models import SMOLLM2
+from splitkit.training.testing import ServerProcess, random_batch
 
 # (name, mode, which server, the unsplit variant it is measured against, target ratio)
 VARIANTS = [

@@ -24,7 +24,7 @@ from zmq.sugar.socket import DEFAULT_PROTOCOL  # what send_pyobj pickles with
 
 from _common import median_ms, ratio, write_table
 from splitkit import wire
-from splitkit.testing import free_port
+from splitkit.training.testing import free_port
 
 SHAPES = [(1, 64, 576), (8, 64, 576), (8, 128, 576), (16, 256, 576)]
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from splitkit import TrunkClient, TrunkError, TrunkServer, load_model
-from splitkit import protocol as P
-from splitkit.keys import add_student, make_keys, remove_student
-from splitkit.testing import free_port
+from splitkit.training.testing import free_port
+from splitkit.wire import protocol as P
+from splitkit.wire.keys import add_student, make_keys, remove_student
 
 TIMEOUT, RETRIES = 0.5, 1
 BOUND = TIMEOUT * (RETRIES + 1)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from splitkit import Learner, LoraSpec, TrunkClient, TrunkError, TrunkUnavailable, load_model
-from splitkit.testing import random_batch
+from splitkit.training.testing import random_batch
 
 CUTS, BATCH, SEQ = (2, 4), 4, 32
 

@@ -7,9 +7,9 @@ import pickle
 import torch
 from hypothesis import strategies as st
 
-from splitkit import protocol as P
 from splitkit import wire
 from splitkit.wire import encode
+from splitkit.wire import protocol as P
 
 D = 64  # tiny-llama's hidden size
 

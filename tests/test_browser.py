@@ -35,10 +35,10 @@ from .browser_harness import (
 N_BLOCKS = 30  # SmolLM2
 BREAK_THE_CALLBACK = """\
 # broken on purpose by tests/test_browser.py: the slider's callback now fails on every move
-import splitkit.explorer
+import splitkit.teaching.explorer
 def _broken(*args, **kwargs):
     raise RuntimeError("the explorer callback is broken")
-splitkit.explorer.explore = _broken
+splitkit.teaching.explorer.explore = _broken
 """
 BLOCKS = "blocks (bottom / trunk / top)"
 # a row of the table format_explore writes: (name, value)
@@ -78,7 +78,7 @@ def browser():
 def smollm2_explore():
     """The explorer's numbers computed here, to compare with what the browser shows."""
     from splitkit import load_model
-    from splitkit.explorer import explore
+    from splitkit.teaching.explorer import explore
 
     model, _ = load_model("smollm2-135m")
     return lambda cuts: explore(model, cuts, gradient_check=False)
@@ -239,7 +239,7 @@ def wait_for_new_state(page, widget, before: dict, wait_s: float) -> dict:
 
 def assert_table_matches(state: dict, explore):
     """The numbers shown are those `explore` gives for the shown cuts; the plot is one image."""
-    from splitkit.explorer import NOTHING_TO_COMPARE, format_explore, plot_png
+    from splitkit.teaching.explorer import NOTHING_TO_COMPARE, format_explore, plot_png
 
     a, b = state["cuts"]
     assert state["blocks"] == f"{a} / {b - a} / {N_BLOCKS - b}", state["table"]

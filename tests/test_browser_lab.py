@@ -19,7 +19,7 @@ STEPS, BATCH = 5, 4  # as the widget cell of 07_lab sets them
 def expected():
     """The same lab run in this process: what the browser must show."""
     from splitkit import load_model
-    from splitkit.lab import LabSettings, run_lab
+    from splitkit.teaching.lab import LabSettings, run_lab
 
     model, tokenizer = load_model("smollm2-135m")
     result = run_lab(model, tokenizer, LabSettings(cuts=CUTS, modes=("detach", "full"), steps=STEPS, batch_size=BATCH))

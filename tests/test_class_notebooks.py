@@ -8,7 +8,7 @@ import pytest
 from nbclient import NotebookClient
 
 from splitkit import TrunkClient
-from splitkit.testing import ROOT, ServerProcess
+from splitkit.training.testing import ROOT, ServerProcess
 
 CUTS = (2, 28)  # the cuts of 07's run: its class server must run these to be used
 

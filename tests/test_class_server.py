@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from splitkit import Learner, TrunkClient
-from splitkit.keys import add_student, make_keys
-from splitkit.server import class_or_own, connect_or_start
-from splitkit.testing import free_port, random_batch
+from splitkit.training.testing import free_port, random_batch
+from splitkit.trunk.server import class_or_own, connect_or_start
+from splitkit.wire.keys import add_student, make_keys
 
 CUTS = (2, 4)
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitkit import TrunkUnavailable
-from splitkit import protocol as P
-from splitkit.sessions import Limits
+from splitkit import TrunkClient, TrunkUnavailable
+from splitkit.training.testing import free_port
+from splitkit.trunk.sessions import Limits
+from splitkit.wire import protocol as P
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +79,7 @@ def test_train_command_names_the_bad_line_of_a_data_file(tmp_path):
 
 def test_train_command_without_a_server_stops_within_its_timeout_naming_the_address(tmp_path, capsys):
     from splitkit.__main__ import main
-    from splitkit.testing import free_port
+    from splitkit.training.testing import free_port
 
     address = f"tcp://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.perf_counter()
@@ -91,7 +92,7 @@ def test_train_command_without_a_server_stops_within_its_timeout_naming_the_addr
 
 
 def test_a_relative_key_folder_that_is_not_there_says_where_it_was_looked_for(tmp_path, monkeypatch):
-    from splitkit.client import TrunkClient
+    from splitkit.wire.client import TrunkClient
 
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=f"classkeys is not a folder of keys.*read from .*{tmp_path.name}.*absolute"):
@@ -117,6 +118,28 @@ def test_trunk_server_help():
     out = subprocess.run([sys.executable, "trunk_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and "--cuts" in out.stdout and "--curve-dir" in out.stdout
+
+
+def test_the_installed_kit_serves_a_trunk_with_the_same_command_line(tmp_path):
+    """`python -m splitkit serve` is trunk_server.py's command line, from any folder: the same help, and a server
+    that answers, in a process whose OpenMP threads wait passively (set before torch loaded)."""
+    script = subprocess.run([sys.executable, "trunk_server.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                            timeout=60).stdout
+    served = subprocess.run([sys.executable, "-m", "splitkit", "serve", "--help"], cwd=tmp_path, capture_output=True,
+                            text=True, timeout=60).stdout
+    assert served.split("options:")[1] == script.split("options:")[1] and "python -m splitkit serve" in served
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    with subprocess.Popen([sys.executable, "-m", "splitkit", "serve", "--model", "tiny-llama", "--cuts", "2", "4",
+                           "--bind", address], cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            with TrunkClient(address, timeout=60, retries=0) as probe:
+                assert probe.stats()["cuts"] == [2, 4]
+            environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+            assert b"OMP_WAIT_POLICY=PASSIVE" in environ
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def test_trunk_server_has_a_flag_for_every_limit_with_its_default_in_the_help(capsys):

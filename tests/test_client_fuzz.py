@@ -17,8 +17,8 @@ import torch
 import zmq
 
 from splitkit import TrunkClient, TrunkError, TrunkUnavailable, wire
-from splitkit import protocol as P
-from splitkit.testing import free_port
+from splitkit.training.testing import free_port
+from splitkit.wire import protocol as P
 
 D, T = 8, 3
 H = torch.ones(1, T, D)

@@ -8,7 +8,9 @@ import torch
 
 from splitkit import Learner, load_model
 from splitkit import federated as F
-from splitkit.cohort import (
+from splitkit.core.data import COLOURS, encode
+from splitkit.core.lora import LoraSpec
+from splitkit.federated.study import (
     Arm,
     Cohort,
     cohort_for,
@@ -19,9 +21,7 @@ from splitkit.cohort import (
     what_the_aggregator_infers,
     what_the_aggregator_reads,
 )
-from splitkit.data import COLOURS, encode
-from splitkit.lora import LoraSpec
-from splitkit.testing import max_rel_diff
+from splitkit.training.testing import max_rel_diff
 
 CUTS = (2, 4)
 LR = 1e-2

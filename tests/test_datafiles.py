@@ -3,7 +3,7 @@
 import pytest
 
 from splitkit import load_model
-from splitkit.datafiles import DataError, load_data, read_pairs, text_batches
+from splitkit.training.datafiles import DataError, load_data, read_pairs, text_batches
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_a_line_that_is_not_utf8_is_named(tmp_path, tokenizer):
 
 
 def test_an_instruct_model_gets_its_chat_template(smollm2):
-    from splitkit.datafiles import chat_pairs
+    from splitkit.training.datafiles import chat_pairs
 
     _, tokenizer = smollm2
     (prompt, answer), = chat_pairs(tokenizer, [("What is 2+2?", "4")])
@@ -75,6 +75,6 @@ def test_an_instruct_model_gets_its_chat_template(smollm2):
 
 
 def test_a_model_without_a_chat_template_gets_the_plain_prompt(tokenizer):
-    from splitkit.datafiles import chat_pairs
+    from splitkit.training.datafiles import chat_pairs
 
     assert chat_pairs(tokenizer, [("2+2=", "4")]) == [("2+2=", " 4")]

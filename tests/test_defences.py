@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from splitkit import Learner, LoraSpec, load_model
-from splitkit.attacks import answer_match, secret_positions, shadow_bottom, whitebox_search, whitebox_sentences
-from splitkit.data import batches, facts
-from splitkit.defences import Defence, clip_rows, distance_correlation
-from splitkit.lora import lora_grads, unsplit_reference
-from splitkit.privacy import SENTENCES, encode_sentences, fit_inversions
-from splitkit.split import Bottom, split_model
-from splitkit.testing import max_rel_diff, random_batch
-from splitkit.train import criterion
+from splitkit.core.data import batches, facts
+from splitkit.core.lora import lora_grads, unsplit_reference
+from splitkit.core.split import Bottom, split_model
+from splitkit.privacy.attacks import answer_match, secret_positions, shadow_bottom, whitebox_search, whitebox_sentences
+from splitkit.privacy.probes import SENTENCES, encode_sentences, fit_inversions
+from splitkit.training.defences import Defence, clip_rows, distance_correlation
+from splitkit.training.testing import max_rel_diff, random_batch
+from splitkit.training.train import criterion
 
 CUTS = (2, 4)
 SPEC = LoraSpec(r=4, lora_alpha=8, init_b=0.02, seed=3)  # lora_B non-zero, so that every LoRA tensor has a gradient
@@ -266,7 +266,7 @@ def test_a_shadow_bottom_trained_with_the_clients_recipe_is_the_clients_bottom(t
 
 
 def test_generation_sends_h1_through_the_defence_and_is_unchanged_without_one(tiny_llama, serve):
-    from splitkit.generation import generate_ids
+    from splitkit.training.generation import generate_ids
 
     model, tokenizer = tiny_llama
     address = serve(model, CUTS)

@@ -3,7 +3,7 @@
 import pytest
 
 from splitkit import load_model
-from splitkit.explorer import NOTHING_TO_COMPARE, explore, format_explore
+from splitkit.teaching.explorer import NOTHING_TO_COMPARE, explore, format_explore
 
 B, T, D, N = 2, 8, 64, 6  # the batch explore measures with here; tiny-llama's hidden size and blocks
 TENSOR = B * T * D * 4  # bytes of one float32 (B, T, d) tensor: h1, h2, dL/dh2 or dL/dh1
@@ -69,7 +69,7 @@ def test_explore_refuses_an_empty_trunk(model):
 def test_plot_shows_blocks_parameters_lora_and_bytes_in_their_units(model):
     import matplotlib
     matplotlib.use("Agg")
-    from splitkit.explorer import plot_explore
+    from splitkit.teaching.explorer import plot_explore
 
     r = explore(model, (1, 4), batch_size=B, seq_len=T, gradient_check=False)
     fig = plot_explore(r)
@@ -84,7 +84,7 @@ def test_the_gradient_check_catches_a_gradient_that_never_came(model):
     """A Bottom left without its gradient (the simplified version's failure) fails the check; it is not skipped."""
     import torch
 
-    from splitkit.explorer import format_grad_check, gradient_check_of
+    from splitkit.teaching.explorer import format_grad_check, gradient_check_of
 
     want = {"bottom.0.lora_A": torch.ones(2), "top.5.lora_A": torch.ones(2)}
     assert gradient_check_of(dict(want), want) == 0.0

@@ -7,8 +7,8 @@ import torch
 from peft import PeftModel
 
 from splitkit import Learner, LoraSpec
-from splitkit.export import save_adapter
-from splitkit.testing import random_batch
+from splitkit.training.export import save_adapter
+from splitkit.training.testing import random_batch
 
 CUTS = (2, 4)
 

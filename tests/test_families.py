@@ -20,9 +20,9 @@ from transformers import (
 )
 
 from splitkit import Learner, LoraSpec, load_model, split_model
-from splitkit.models import ModelUnavailable
-from splitkit.split import FAMILIES, layer_type
-from splitkit.testing import random_batch, reference_grads
+from splitkit.core.models import ModelUnavailable
+from splitkit.core.split import FAMILIES, layer_type
+from splitkit.training.testing import random_batch, reference_grads
 
 from .test_gradients import assert_grads_match
 

@@ -13,8 +13,9 @@ from flwr.cli.config_utils import load_and_validate
 
 from splitkit import Learner, TrunkError, load_model
 from splitkit import federated as F
-from splitkit import protocol as P
-from splitkit.testing import ROOT, max_rel_diff
+from splitkit.federated import runner
+from splitkit.training.testing import ROOT, max_rel_diff
+from splitkit.wire import protocol as P
 
 CUTS = [2, 4]
 
@@ -25,11 +26,11 @@ def tiny_llama():
 
 
 def flower_processes() -> list[psutil.Process]:
-    """The live processes that a run of this test process started: they carry its pid in F._MARKER."""
+    """The live processes that a run of this test process started: they carry its pid in runner._MARKER."""
     found = []
     for process in psutil.process_iter():
         with contextlib.suppress(psutil.Error):  # gone, or not ours to read
-            if (process.environ().get(F._MARKER, "").startswith(f"{os.getpid()}:")
+            if (process.environ().get(runner._MARKER, "").startswith(f"{os.getpid()}:")
                     and process.status() != psutil.STATUS_ZOMBIE):
                 found.append(process)
     return found

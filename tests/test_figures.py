@@ -3,7 +3,7 @@
 import pytest
 from matplotlib.colors import to_hex
 
-from splitkit.figures import draw_message_sequence, draw_u_shape
+from splitkit.teaching.figures import draw_message_sequence, draw_u_shape
 
 
 def backward_arrows(fig) -> dict:

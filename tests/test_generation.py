@@ -8,11 +8,11 @@ from peft.tuners.lora import LoraLayer
 from transformers.generation.streamers import BaseStreamer
 
 from splitkit import Learner, TrunkError, generate
-from splitkit import protocol as P
-from splitkit.data import batches, facts
-from splitkit.generation import generate_ids
-from splitkit.lora import lora_layers
-from splitkit.sessions import Limits
+from splitkit.core.data import batches, facts
+from splitkit.core.lora import lora_layers
+from splitkit.training.generation import generate_ids
+from splitkit.trunk.sessions import Limits
+from splitkit.wire import protocol as P
 
 NEW = 10
 

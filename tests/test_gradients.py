@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from splitkit import Learner, load_model
-from splitkit.lora import lora_grads, unsplit_reference
-from splitkit.sessions import Limits
-from splitkit.split import left_padding
-from splitkit.testing import max_rel_diff, random_batch, reference_grads, rel_diff
-from splitkit.train import criterion
+from splitkit.core.lora import lora_grads, unsplit_reference
+from splitkit.core.split import left_padding
+from splitkit.training.testing import max_rel_diff, random_batch, reference_grads, rel_diff
+from splitkit.training.train import criterion
+from splitkit.trunk.sessions import Limits
 
 from .conftest import RTOL
 
@@ -58,7 +58,7 @@ def test_full_trunk_mode_matches_unsplit_including_trunk(request, serve, spec, m
 
 
 def test_stateless_fallback_gives_the_same_gradients(tiny, serve, spec):
-    from splitkit.sessions import Limits
+    from splitkit.trunk.sessions import Limits
 
     model, _ = tiny
     cuts = (2, 4)

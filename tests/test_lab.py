@@ -6,7 +6,7 @@ import time
 import pytest
 
 from splitkit import load_model
-from splitkit.lab import LabSettings, format_rows, lab_widget, linear_layers, plot_lab, run_lab
+from splitkit.teaching.lab import LabSettings, format_rows, lab_widget, linear_layers, plot_lab, run_lab
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import importlib.util
 import pytest
 import torch
 
-from splitkit import models
-from splitkit.models import ModelUnavailable, load_model
+from splitkit.core import models
+from splitkit.core.models import ModelUnavailable, load_model
 
 
 def test_tiny_presets_are_seeded_and_small():

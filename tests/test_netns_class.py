@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from splitkit.teacher import rates
-from splitkit.testing import ROOT
+from splitkit.training.testing import ROOT
+from splitkit.trunk.teacher import rates
 
 DOC = (ROOT / "docs" / "classroom.md").read_text()
 STUDENT = ROOT / "tests" / "netns_student.py"
@@ -370,7 +370,7 @@ FLOWER_CONFIG = {"address": '"tcp://10.231.9.1:5555"', "model": '"tiny-llama"', 
 
 def test_flower_rounds_across_machines_average_as_the_simulation_does(classroom, capsys, monkeypatch, serve, llama):
     from splitkit import federated as F
-    from splitkit.testing import max_rel_diff
+    from splitkit.training.testing import max_rel_diff
 
     room, tmp = classroom, classroom.tmp
     teacher, keys, server = start_class(room, capsys, monkeypatch)

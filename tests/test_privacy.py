@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from splitkit import Learner, LoraSpec, load_model, split_model
-from splitkit.privacy import (
+from splitkit.core.split import Bottom
+from splitkit.privacy.probes import (
     SENTENCES,
     CuriousServer,
     SteeringServer,
@@ -18,9 +19,8 @@ from splitkit.privacy import (
     recovered_tokens,
     recovery,
 )
-from splitkit.split import Bottom
-from splitkit.testing import max_rel_diff, random_batch
-from splitkit.train import criterion
+from splitkit.training.testing import max_rel_diff, random_batch
+from splitkit.training.train import criterion
 
 CUTS = (2, 4)
 

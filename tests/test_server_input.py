@@ -9,11 +9,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 
 from splitkit import TrunkError, TrunkServer, load_model, wire
-from splitkit import protocol as P
-from splitkit.models import fingerprint
-from splitkit.sessions import Limits
-from splitkit.split import split_model
+from splitkit.core.models import fingerprint
+from splitkit.core.split import split_model
+from splitkit.trunk.sessions import Limits
 from splitkit.wire import encode
+from splitkit.wire import protocol as P
 
 from .strategies import OPEN, D, malformed
 

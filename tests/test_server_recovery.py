@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from splitkit import Learner, TrunkUnavailable
-from splitkit import protocol as P
-from splitkit.faults import Faults
-from splitkit.testing import ServerProcess, free_port, random_batch
+from splitkit.training.testing import ServerProcess, free_port, random_batch
+from splitkit.trunk.faults import Faults
 from splitkit.wire import encode
+from splitkit.wire import protocol as P
 
 from .strategies import D
 from .test_server_input import ask

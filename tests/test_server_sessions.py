@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from splitkit import Learner, TrunkError, TrunkServer, TrunkUnavailable
-from splitkit import protocol as P
-from splitkit.keys import make_keys
-from splitkit.sessions import Limits
-from splitkit.teacher import render
-from splitkit.testing import free_port, random_batch
+from splitkit.training.testing import free_port, random_batch
+from splitkit.trunk.sessions import Limits
+from splitkit.trunk.teacher import render
+from splitkit.wire import protocol as P
+from splitkit.wire.keys import make_keys
 
 from .strategies import D
 

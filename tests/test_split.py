@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from splitkit import count_parameters, split_model
-from splitkit.split import n_layers
-from splitkit.testing import random_batch
+from splitkit.core.split import n_layers
+from splitkit.training.testing import random_batch
 
 
 @pytest.mark.parametrize("cuts", [(0, 3), (2, 4), (1, 6), (0, 6), (5, 6)])
