@@ -28,16 +28,26 @@ REFRESH_S = 1.2  # the server reads its authorized folder again at most once a s
 TOGGLE_S = 1.5   # how long the toggled key stays withdrawn, then authorized
 
 
+_SAYING = threading.Lock()
+
+
+def say(line: dict):
+    """One line of JSON, written whole: the restarted scenario's clients knock from threads of their own."""
+    with _SAYING:
+        sys.stdout.write(json.dumps(line) + "\n")
+        sys.stdout.flush()
+
+
 def timed(scenario: str, op: str, call) -> bool:
     """Run one call, say how it ended and how long it took; True if it answered."""
-    print(json.dumps({"scenario": scenario, "op": op, "started": True}), flush=True)
+    say({"scenario": scenario, "op": op, "started": True})
     t0, ended, said = time.monotonic(), "ok", ""
     try:
         call()
     except TrunkError as e:
         ended, said = type(e).__name__, str(e)
-    print(json.dumps({"scenario": scenario, "op": op, "took": time.monotonic() - t0, "bound": BOUND,
-                      "ended": ended, "said": said}), flush=True)
+    say({"scenario": scenario, "op": op, "took": time.monotonic() - t0, "bound": BOUND, "ended": ended,
+         "said": said})
     return ended == "ok"
 
 
@@ -116,7 +126,7 @@ def main(folder: Path):
         stop.set()
         flipper.join()
         server.stop()
-    print(json.dumps({"done": True}), flush=True)
+    say({"done": True})
 
 
 if __name__ == "__main__":

@@ -125,8 +125,9 @@ class FakeServer:
                 continue
             envelope, body = self._split(self.sock.recv_multipart())
             request = json.loads(body[0])
-            self.sock.send_multipart(envelope + self.reply(request["op"], request["id"]))
-            self.answered += 1
+            reply = self.reply(request["op"], request["id"])
+            self.answered += 1  # before the send: the client may be reading the count as soon as it has the reply
+            self.sock.send_multipart(envelope + reply)
 
     @staticmethod
     def _split(frames):

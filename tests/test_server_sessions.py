@@ -195,6 +195,6 @@ def test_a_server_in_a_thread_keeps_no_threads_between_requests(smollm2, serve):
             before = threads()
             for seed in (1, 2):
                 step(learner, seed)
-                assert threads() == before
+                assert threads() <= before  # none kept; fewer if an earlier test's thread has ended since
     finally:
         torch.set_num_threads(was)
