@@ -8,10 +8,12 @@ LAB_ARGS ?=
 PYTEST_ARGS ?=
 # Debian's Chromium, for the browser test (tests/test_browser.py); Playwright drives it, downloads nothing
 CHROMIUM ?= /usr/bin/chromium
+# Debian's CJK font, for the Chinese passages that notebook 02 quotes (without it Chromium draws empty boxes)
+CJK_FONT := /usr/share/fonts/opentype/noto/NotoSansCJK-Regular.ttc
 ROOT_USER := $(filter 0,$(shell id -u))
 SUDO := $(if $(ROOT_USER),,sudo)
 
-.PHONY: setup lab test test-float-paths lint bench clean
+.PHONY: setup lab test test-float-paths lint bench assignments clean
 
 setup: $(VENV)/.installed
 
@@ -24,14 +26,15 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m splitkit prepare
 	touch $@
 
-$(CHROMIUM):
-	$(SUDO) apt-get install -y -q chromium || ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium)
+$(CHROMIUM) $(CJK_FONT):
+	$(SUDO) apt-get install -y -q chromium fonts-noto-cjk \
+		|| ($(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q chromium fonts-noto-cjk)
 
 lab: setup
 	$(VENV)/bin/jupyter lab --notebook-dir=$(NOTEBOOKS) --port=$(PORT) --ServerApp.default_url=/lab/tree/00_start_here.ipynb \
 		$(if $(ROOT_USER),--allow-root) $(LAB_ARGS)
 
-test: setup $(CHROMIUM) lint
+test: setup $(CHROMIUM) $(CJK_FONT) lint
 	SPLITKIT_CHROMIUM=$(CHROMIUM) $(PY) -m pytest tests --nbval-lax notebooks -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 # The suite (or FLOAT_TESTS) under each of torch's CPU float paths: its native kernels, AVX2 and the default
@@ -46,6 +49,10 @@ test-float-paths: setup
 			$(PY) -m pytest $(FLOAT_TESTS) --nbval-lax -p no:cacheprovider -q $(PYTEST_ARGS) || exit 1; \
 	done; done
 
+# The student versions of the notebooks in assignments/: each exercise's solution blanked (nbgrader's format)
+assignments: setup
+	$(PY) -m splitkit assign --notebooks $(NOTEBOOKS) --out assignments
+
 # ruff, as configured in pyproject.toml: the code, the tests, the benchmarks and the notebooks
 lint: setup
 	$(VENV)/bin/ruff check .
@@ -55,4 +62,4 @@ bench: setup
 	cd bench && for b in wire step compression generation classroom privacy startup notebooks network; do $(abspath $(PY)) $$b.py || exit 1; done
 
 clean:
-	rm -rf $(VENV) runs screenshots
+	rm -rf $(VENV) runs screenshots assignments

@@ -1,14 +1,16 @@
 """The kit's command line: prepare the model, make CURVE keys, fine-tune through a trunk server.
 
-    python -m splitkit prepare            convert SmolLM2 once and cache it
+    python -m splitkit prepare            convert SmolLM2 once and cache it; JupyterLab's settings for a class
     python -m splitkit keys DIR           CURVE key pairs for a server that others can reach
     python -m splitkit keys DIR --add NAME    issue student NAME a key (--remove NAME withdraws it, --list)
     python -m splitkit train --mode full  fine-tune, print the evaluation, write plots and a PEFT adapter
     python -m splitkit serve --cuts 10 20 serve the Trunk (trunk_server.py's flags: serve --help)
+    python -m splitkit assign --out assignments   the student versions of the notebooks (exercises blank)
 """
 
 import argparse
 import csv
+import json
 import logging
 import os
 import sys
@@ -132,6 +134,24 @@ def cmd_keys(args) -> int:
     return 0
 
 
+def install_lab_settings() -> Path:
+    """Copy the kit's JupyterLab settings (no "notified about Jupyter news?" prompt over a lesson) into this
+    environment's Lab settings, `overrides.d/splitkit.json`, which JupyterLab reads at start; the path."""
+    target = Path(sys.prefix) / "share" / "jupyter" / "lab" / "settings" / "overrides.d" / "splitkit.json"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes((Path(__file__).parent / "teaching" / "lab_settings.json").read_bytes())
+    return target
+
+
+def cmd_assign(args) -> int:
+    from .teaching.course import exercises, write_assignments
+
+    for path in write_assignments(Path(args.notebooks), Path(args.out)):
+        count = len(exercises(json.loads(path.read_text())))
+        print(f"{path}" + (f": {count} exercise{'s' * (count != 1)}" if count else ""))
+    return 0
+
+
 def cmd_serve(argv: list, own_process: bool) -> int:
     """trunk_server.py's command line. Its OpenMP threads must wait passively, set before torch loads: splitkit has
     loaded it by now, so a process of the command line's own starts again with OMP_WAIT_POLICY set (unless set)."""
@@ -188,14 +208,21 @@ def main(argv=None) -> int:
     pt.add_argument("--lr", type=float, default=3e-3)
     pt.add_argument("--seed", type=int, default=0)
     pt.add_argument("--out", default="runs", help="folder for loss.png, lora_change.png and adapter/")
+    pa = sub.add_parser("assign", help="write the student versions of the notebooks: each exercise's solution "
+                                       "blanked (nbgrader's format), outputs cleared")
+    pa.add_argument("--notebooks", default="notebooks", help="the folder of source notebooks (default: %(default)s)")
+    pa.add_argument("--out", default="assignments", help="where the student versions go (default: %(default)s)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     try:
         if args.command == "prepare":
             print(f"SmolLM2 cached in {prepare(args.force)}")
+            print(f"JupyterLab's settings for a class in {install_lab_settings()}")
             return 0
         if args.command == "keys":
             return cmd_keys(args)
+        if args.command == "assign":
+            return cmd_assign(args)
         return cmd_train(args)
     except (ModelUnavailable, DataError, TrunkError, TypeError, ValueError) as e:  # TrunkError: no server, or refused
         print(f"error: {e}", file=sys.stderr)

@@ -103,10 +103,7 @@ def running_lab(workdir: Path, timeout: float = 120) -> Iterator[Lab]:
     folder.mkdir()
     for notebook in (ROOT / "notebooks").glob("*.ipynb"):
         shutil.copy(notebook, folder)
-    settings = workdir / "lab-settings"
-    news = settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings"
-    news.parent.mkdir(parents=True)
-    news.write_text('{"fetchNews": "false"}')  # no "get notified about news?" pop-up, no call out
+    settings = workdir / "lab-settings"  # a fresh user: Lab's own defaults and the kit's (python -m splitkit prepare)
     port, token = free_port(), secrets.token_hex(16)
     env = dict(os.environ, JUPYTER_TOKEN=token, JUPYTERLAB_SETTINGS_DIR=str(settings),
                JUPYTERLAB_WORKSPACES_DIR=str(settings / "workspaces"))

@@ -6,6 +6,8 @@ starts it, driven by Playwright in Debian's headless Chromium (see browser_harne
   each time the table must show the numbers `explore` gives for the new cuts, the plot must be
   redrawn, and no cell may show an error.
 - The same with the slider's callback broken on purpose: the check above must catch it.
+- 01_building_the_split as committed: no pop-up over the lesson (Jupyter's news prompt); each check cell is
+  folded, its code hidden and its printed evidence showing, and one click on the fold shows the code.
 - 08_teachers_view: Run All from cleared outputs; while the class of the notebook trains, the live view's
   numbers of requests and training steps move, and the plot appears as a PNG image.
 
@@ -254,3 +256,50 @@ def assert_table_matches(state: dict, explore):
     assert len(state["images"]) == 1 and state["images"][0][1] > 300, f"plot: {state['images']}"
     shown_png = base64.b64decode(state["images"][0][0].split(",", 1)[1])
     assert shown_png == plot_png(explore((a, b))), f"cuts {(a, b)}: the plot shown is not the one for these cuts"
+
+
+# For each code cell, scrolled into view first (JupyterLab draws only what is near the view): whether its code is
+# hidden, whether the fold's placeholder shows, and the text of its outputs.
+FOLDED = """async () => {
+    const found = [];
+    for (const cell of document.querySelectorAll('.jp-Notebook .jp-CodeCell')) {
+        cell.scrollIntoView({block: 'center'});
+        await new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)));
+        const input = cell.querySelector('.jp-InputArea');
+        found.push({hidden: input === null || input.offsetParent === null,
+                    placeholder: cell.querySelector('.jp-InputPlaceholder') !== null,
+                    output: [...cell.querySelectorAll('.jp-OutputArea-output')].map(o => o.innerText).join('\\n')});
+    }
+    return found;
+}"""
+
+
+def test_checks_are_folded_with_their_evidence_showing(lab, browser):
+    import json
+
+    from splitkit.teaching.course import is_check
+
+    name = "01_building_the_split.ipynb"
+    cells = [c for c in json.loads((lab.folder / name).read_text())["cells"] if c["cell_type"] == "code"]
+    with lab.open(browser, name, "01_folded") as page:
+        page.wait_for_timeout(3000)  # the news prompt, where there is one, comes a moment after the notebook
+        shot(page, "01_as_opened")
+        assert page.get_by_text("official Jupyter news").count() == 0
+        assert page.locator(".jp-Notification-Toast").count() == 0
+        shown = page.evaluate(FOLDED)
+        assert len(shown) == len(cells)
+        checks = [i for i, c in enumerate(cells) if is_check(c)]
+        assert len(checks) >= 10
+        for i, cell in enumerate(cells):
+            want_hidden = i in checks
+            assert shown[i]["hidden"] == want_hidden and shown[i]["placeholder"] == want_hidden, (i, shown[i])
+            if want_hidden:  # the printed evidence shows: the first line the check printed, as committed
+                printed = "".join("".join(o["text"]) for o in cell["outputs"] if o["output_type"] == "stream")
+                if printed.strip():
+                    assert printed.strip().splitlines()[0].strip() in shown[i]["output"], (i, shown[i]["output"])
+        first = page.locator(".jp-Notebook .jp-CodeCell").nth(checks[0])
+        first.locator(".jp-InputPlaceholder").click()
+        first.locator(".jp-InputArea .cm-content").wait_for()
+        assert first.locator(".jp-InputArea .cm-content").inner_text().startswith("# check 1.")
+        shot(page, "01_check_unfolded", first)
+        assert page.evaluate(FOLDED)[checks[1]]["hidden"]  # the others stay folded
