@@ -18,7 +18,7 @@ from pathlib import Path
 
 LESSON_WORDS = 2000  # prose of one lesson: the reading half of a 45-minute period
 CLAIM_WORDS = 80  # the paragraph of one tagged claim
-GOALS = re.compile(r"\*\*You will learn\*\*\s*\n((?:\s*[-*] .+\n?)+)")
+GOALS = re.compile(r"\*\*You will learn\*\*[ \t]*\n(.*?)(?:\n[ \t]*\n|\Z)", re.S)  # the list up to a blank line
 CLAIM = re.compile(r"✔ claim (\d+)\.(\d+)")
 EXERCISE = re.compile(r"✎ exercise (\d+)\.(\d+)")
 CHECK = re.compile(r"\A# check (\d+)\.(\d+)\b")
@@ -59,7 +59,8 @@ def goals(notebook: dict) -> list[str]:
     """The "You will learn" list of the first Markdown cell."""
     first = next((source(c) for c in notebook["cells"] if c["cell_type"] == "markdown"), "")
     found = GOALS.search(first)
-    return [line.strip()[2:] for line in found[1].splitlines() if line.strip()] if found else []
+    items = re.split(r"^[-*] ", found[1], flags=re.M)[1:] if found else []
+    return [" ".join(item.split()) for item in items]
 
 
 def exercises(notebook: dict) -> dict[str, dict]:
@@ -104,7 +105,7 @@ def student_version(notebook: dict) -> dict:
     import nbformat
     from nbgrader.preprocessors import ClearOutput, ClearSolutions
 
-    nb = nbformat.from_dict(json.loads(json.dumps(notebook)))
+    nb = nbformat.reads(json.dumps(notebook), as_version=4)
     resources = {}
     for preprocessor in (ClearSolutions(), ClearOutput()):
         nb, resources = preprocessor.preprocess(nb, resources)
