@@ -60,7 +60,8 @@ def test_each_exercise_is_a_solution_cell_then_its_check(path):
         assert check["metadata"]["nbgrader"]["grade"] and check["metadata"]["nbgrader"]["locked"]
         assert "### END SOLUTION" in course.source(solution)
         assert any(isinstance(node, ast.Assert) for node in ast.walk(ast.parse(course.source(check))))
-        defined = {node.name for node in ast.walk(ast.parse(course.source(solution))) if isinstance(node, ast.FunctionDef)}
+        tree = ast.parse(course.source(solution))
+        defined = {node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)}
         assert len(defined) == 1, f"exercise {number} defines {defined}: it is one function"
         name = defined.pop()
         later = [course.source(c) for c in cells[where["check"] + 1:] if c["cell_type"] == "code"]
