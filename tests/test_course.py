@@ -118,3 +118,19 @@ def test_the_student_version_fails_exactly_at_its_exercises_checks(path, monkeyp
     failed = errors(student)
     assert set(failed) == {w["check"] for w in found.values()}, failed
     assert all(message.startswith("NotImplementedError") for message in failed.values()), failed
+
+
+def test_the_teachers_guide_counts_what_the_notebooks_hold():
+    guide = (ROOT / "docs" / "teaching.md").read_text()
+    bench = (ROOT / "bench" / "results" / "notebooks.md").read_text()
+    rows = {r[0].strip(): [c.strip() for c in r]
+            for r in (line.strip().strip("|").split("|") for line in guide.splitlines()
+                      if re.match(r"\| \d\d_", line))}
+    timed = {r[0].strip(): r[1].strip() for r in (line.strip("|").split("|") for line in bench.splitlines()
+                                                  if line.startswith("| 0"))}
+    assert sorted(rows) == [p.stem for p in NOTEBOOKS]
+    for path in NOTEBOOKS:
+        found = course.stats(path)
+        name, words, claims, exercises, seconds, _ = rows[path.stem]
+        assert (int(words), int(claims), int(exercises)) == (found["words"], found["claims"], found["exercises"]), name
+        assert seconds == timed[path.name], f"{name}: {seconds} s here, {timed[path.name]} s in notebooks.md"

@@ -12,12 +12,14 @@ import os
 import re
 import shutil
 import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM, AutoTokenizer, ByT5Tokenizer, GPT2Config, LlamaConfig
+from transformers.utils import logging as hf_logging
 
 from .split import family, split_model
 
@@ -57,6 +59,19 @@ def cache_dir() -> Path:
     if os.environ.get("SPLITKIT_CACHE"):
         return Path(os.environ["SPLITKIT_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "splitkit"
+
+
+@contextmanager
+def quiet_loading():
+    """transformers without its "Loading weights" bar: a cached model loads in a second, and in a notebook's saved
+    output the bar's first frame looks like a stall."""
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(name: str = SMOLLM2, seed: int = 0):
@@ -103,7 +118,8 @@ def _load_pretrained(name: str):
                 f"{name}`) and copy its cache folder here, or save the model with save_pretrained into a folder "
                 f"and pass the folder.") from e
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     except OSError as e:
         raise ModelUnavailable(f"{name} holds no model that transformers can read ({e})") from e
     model.config.name_or_path = name
@@ -133,7 +149,8 @@ def _load_smollm2():
     if not folder.exists():
         convert_smollm2(folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        with quiet_loading():
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as e:
         raise ModelUnavailable(
