@@ -101,7 +101,10 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
             ids, mask = encode_sentences(tokenizer, SENTENCES[:args.sentences])
             with torch.no_grad():
                 sent = learner.guard.h1(learner.bottom(ids))
-        inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=defence if defence.on else None)[a]
+        # the attacker's adaptive inversion, fitted with noise of its own: a fixed seed (fit_inversions draws from
+        # seed + 1), so that the table reproduces
+        own = replace(defence, seed=0)
+        inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=own if defence.on else None)[a]
         if defence.nopeek:  # it acts through training: the attacker trains a shadow Bottom the same way
             bottom = shadow_bottom(model, tokenizer, (a, b), replace(defence, seed=seed + 100), args.steps, args.lr,
                                    facts("animal"), seed=seed + 1)

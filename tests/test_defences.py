@@ -281,3 +281,25 @@ def test_generation_sends_h1_through_the_defence_and_is_unchanged_without_one(ti
     assert all(torch.equal(a, b) for a, b in zip(sent["off"], sent["none"], strict=True))
     assert all(float(h.norm(dim=-1).max()) <= 0.05 * (1 + 1e-5) for h in sent["clipped"])
     assert float(sent["none"][0].norm(dim=-1).min()) > 0.05  # so the bound did clip
+
+
+def test_the_noise_is_the_clients_secret_unless_a_seed_is_given():
+    """Two guards built the default way draw different noise, and neither draws the noise of any seed below 1,000
+    (what a server would try first); a given seed draws the same noise every time."""
+    from dataclasses import replace
+
+    from splitkit.training.defences import Guard
+
+    h1 = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    defence = Defence(h1_clip=1.0, h1_snr=1.0, g2_clip=1.0, g2_noise=1.0)
+
+    def noise(guard):
+        return guard.h1(h1) - clip_rows(h1, 1.0, dims=-1), guard.g2(h1) - clip_rows(h1, 1.0, dims=(1, 2))
+
+    first, second = noise(Guard(defence)), noise(Guard(defence))
+    assert defence.seed is None and not torch.equal(first[0], second[0]) and not torch.equal(first[1], second[1])
+    small = [noise(Guard(replace(defence, seed=s)))[0] for s in range(1000)]
+    assert not any(torch.equal(first[0], x) or torch.equal(second[0], x) for x in small)
+    again = [noise(Guard(replace(defence, seed=7))) for _ in range(2)]
+    assert torch.equal(again[0][0], again[1][0]) and torch.equal(again[0][1], again[1][1])
+    assert torch.equal(again[0][0], small[7])

@@ -92,7 +92,7 @@ def fit_inversions(model, cuts, n_tokens: int = 8192, seq_len: int = 64, seed: i
     target = model.get_input_embeddings()(ids).flatten(0, 1)  # (N*T, d)
     hidden = hidden_by_cut(model, ids, cuts)
     if defence is not None:
-        guard = Guard(replace(defence, seed=defence.seed + 1))  # the attacker's own noise, not the client's
+        guard = Guard(replace(defence, seed=None if defence.seed is None else defence.seed + 1))  # its own noise
         hidden = {a: guard.h1(h1) for a, h1 in hidden.items()}
     # float64: at deep cuts h1 has a few huge dimensions, and a float32 solve is not reproducible
     return {a: torch.linalg.lstsq(h1.flatten(0, 1).double(), target.double()).solution.float()

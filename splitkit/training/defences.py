@@ -24,8 +24,14 @@ tensors, bit for bit. Each protects one thing and not the others:
                     squared norm lifts it to the batch's largest row norm, so that norms tell rows apart less.
 
 The cut depth is the other setting that moves what the server reads; it is a `Learner` argument (`cuts`).
+
+The noise is the client's secret: unless `seed` is given, its generator is seeded from the operating system's
+entropy, so that nobody can draw the same stream. A server that could would subtract the noise and read `h1` as if
+there were none. A fixed seed reproduces a run (notebooks, tests, benchmarks), and gives its noise to whoever knows
+the seed.
 """
 
+import secrets
 from dataclasses import asdict, dataclass
 
 import torch
@@ -41,7 +47,7 @@ class Defence:
     g2_clip: float | None = None  # per-row L2 norm bound on dL/dh2 (None: no clipping)
     g2_noise: float = 0.0         # noise std on dL/dh2, as a multiple of g2_clip; needs g2_clip
     g2_maxnorm: bool = False      # noise that aligns each row's expected norm with the batch's largest
-    seed: int = 0                 # the noise generator's seed
+    seed: int | None = None       # the noise generator's seed; None: from the operating system's entropy (secret)
 
     def __post_init__(self):
         for name in ("h1_clip", "h1_snr", "g2_clip"):
@@ -98,7 +104,8 @@ class Guard:
 
     def __init__(self, defence: Defence | None):
         self.defence = defence or Defence()
-        self.generator = torch.Generator().manual_seed(self.defence.seed)
+        seed = self.defence.seed if self.defence.seed is not None else secrets.randbits(63)
+        self.generator = torch.Generator().manual_seed(seed)
 
     def h1(self, h1: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d): what is sent
         """Clip each token's h1 and add noise; differentiable (the noise is a constant of the step)."""
