@@ -168,7 +168,9 @@ def chromium():
 
 
 def run_all_from_cleared_outputs(page, timeout_s: float):
-    """Edit > Clear Outputs of All Cells, then Run > Run All Cells; wait until every cell has run."""
+    """View > Expand All Code (a folded check cell keeps the prompt it had when folded), Edit > Clear Outputs of All
+    Cells, then Run > Run All Cells; wait until every cell has run."""
+    menu(page, "View", "Expand All Code")
     menu(page, "Edit", "Clear Outputs of All Cells")
     assert page.locator(".jp-Notebook .jp-OutputArea-output").count() == 0
     menu(page, "Run", "Run All Cells")

@@ -128,6 +128,7 @@ def explorer_notebook(lab, name: str, extra: str | None = None) -> str:
 
 def test_the_teachers_view_moves_while_the_class_trains(lab, browser):
     with lab.open(browser, "08_teachers_view.ipynb", "08_teachers_view") as page:
+        menu(page, "View", "Expand All Code")  # a folded check cell keeps the prompt it had when folded
         menu(page, "Edit", "Clear Outputs of All Cells")
         menu(page, "Run", "Run All Cells")
         # the widget's container stays; the view inside it is drawn anew with every answer, so read it by a query
