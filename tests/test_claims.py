@@ -8,14 +8,13 @@ assert or names a claim that does not exist, and when a check cell comes before 
 
 import ast
 import json
-import re
 from pathlib import Path
 
 import pytest
 
+from splitkit.teaching.course import CHECK, CLAIM  # the tag and the check cell's first line
+
 NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
-CLAIM = re.compile(r"✔ claim (\d+)\.(\d+)")
-CHECK = re.compile(r"\A# check (\d+)\.(\d+)\b")
 
 
 def claims_and_checks(cells: list) -> tuple[dict, dict]:
