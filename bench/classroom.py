@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from _common import write_table
-from splitkit import Learner, TrunkClient, load_model
+from splitkit import Learner, LoraSpec, TrunkClient, load_model
 from splitkit.core.models import SMOLLM2
 from splitkit.training.testing import ServerProcess, random_batch
 
@@ -31,7 +31,7 @@ def parse_size(text: str) -> tuple[int, int]:
 
 def one_class(model, address: str, mode: str, n: int, steps: int, cuts, size) -> dict:
     """n clients train `steps` steps each, all at once; their step times, losses, and the server's counters."""
-    learners = [Learner(model, mode=mode, cuts=cuts, address=address, lr=1e-3) for _ in range(n)]
+    learners = [Learner(model, mode=mode, cuts=cuts, address=address, lr=1e-3, lora=LoraSpec(seed=i)) for i in range(n)]
     seconds, losses = [[] for _ in range(n)], [[] for _ in range(n)]
     barrier = threading.Barrier(n + 1)
 
@@ -77,7 +77,9 @@ def main(argv=None):
 
     model, _ = load_model(args.model)
     rows = []
-    with ServerProcess(args.model, args.cuts, "--max-sessions", str(max(args.clients) + 1)) as server:
+    # fixed seeds, the clients' and the server's for the Trunk LoRA: client 0 starts alike in every class
+    with ServerProcess(args.model, args.cuts, "--max-sessions", str(max(args.clients) + 1),
+                       "--lora-seed", "0") as server:
         for mode in args.modes:
             alone = None
             for n in args.clients:

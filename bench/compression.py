@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from _common import in_turns, median_ms, timed_step, write_table
-from splitkit import Learner, load_model, wire
+from splitkit import Learner, LoraSpec, load_model, wire
 from splitkit.core.data import batches, facts
 from splitkit.core.models import SMOLLM2
 from splitkit.training.testing import ServerProcess, max_rel_diff, random_batch
@@ -43,8 +43,9 @@ def main(argv=None):
 
     model, tokenizer = load_model(args.model)
     with ServerProcess(args.model, args.cuts) as server:
-        learners = {d: Learner(model, mode="full", cuts=args.cuts, address=server.address, lr=args.lr, wire_dtype=d)
-                    for d in DTYPES}
+        start = LoraSpec().resolved()  # one start, a secret one, for every dtype
+        learners = {d: Learner(model, mode="full", cuts=args.cuts, address=server.address, lr=args.lr, wire_dtype=d,
+                               lora=start) for d in DTYPES}
         # 1. gradients of one batch (nothing has trained yet, so all four hold the same weights)
         batch = next(batches(tokenizer, facts(), 8, seed=123))
         grads = {d: gradients(learner, batch) for d, learner in learners.items()}

@@ -62,7 +62,7 @@ def main(argv=None):
     model, tokenizer = load_model(args.model)
     n = args.new_tokens
     with ServerProcess(args.model, args.cuts, "--device", args.server_device) as server:
-        lora = LoraSpec(init_b=args.init_b)
+        lora = LoraSpec(init_b=args.init_b).resolved()  # one start, a secret one, for every way
         unsplit = Learner(model, mode="local", cuts=args.cuts, lora=lora, train_trunk=False)  # the client's blocks
         unsplit.model.get_base_model().generation_config.eos_token_id = None  # no stop at EOS (nor a ban on it)
         plain = copy.deepcopy(unsplit.model).merge_and_unload()  # the same weights, W + scaling · B A, no LoRA layer

@@ -16,7 +16,7 @@ import subprocess
 from pathlib import Path
 
 from _common import in_turns, median_ms, timed_step, write_table
-from splitkit import Learner, load_model, wire
+from splitkit import Learner, LoraSpec, load_model, wire
 from splitkit.core.models import SMOLLM2
 from splitkit.training.testing import ServerProcess, random_batch
 from step import parse_size
@@ -97,8 +97,9 @@ def main(argv=None):
         if link:
             servers.append(ServerProcess(args.model, args.cuts, "--insecure", host=NS_IP,
                                          prefix=("ip", "netns", "exec", NAMESPACE)))
-        learners = {(server, d): Learner(model, mode="full", cuts=args.cuts, address=server.address, wire_dtype=d)
-                    for server in servers for d in DTYPES}
+        start = LoraSpec().resolved()  # one start, a secret one, for every server and dtype
+        learners = {(server, d): Learner(model, mode="full", cuts=args.cuts, address=server.address, wire_dtype=d,
+                                         lora=start) for server in servers for d in DTYPES}
         for i in range(args.warmup + args.reps):
             batch = random_batch(model.config.vocab_size, *args.size, seed=i, prompt=0)
             for row, mbit in rows_of.items():

@@ -33,7 +33,7 @@ import matplotlib.pyplot as plt
 import torch
 
 from _common import RESULTS, in_turns, timed_step, write_table
-from splitkit import Learner, load_model
+from splitkit import Learner, LoraSpec, load_model
 from splitkit.core.data import batches, encode, facts
 from splitkit.core.models import SMOLLM2
 from splitkit.core.split import Bottom, split_model
@@ -176,7 +176,8 @@ def overhead(model, tokenizer, cuts, h1_bound: float, g2_bound: float, args) -> 
     server = CuriousServer(model, cuts, bind="tcp://127.0.0.1:*")
     address = server.start()
     batch = encode(tokenizer, facts()[:8])
-    learners = {name: Learner(model, mode="full", cuts=cuts, address=address, lr=args.lr, defence=d)
+    start = LoraSpec().resolved()  # one start, a secret one, for every variant
+    learners = {name: Learner(model, mode="full", cuts=cuts, address=address, lr=args.lr, defence=d, lora=start)
                 for name, d in variants.items()}
     seconds = {name: [] for name in variants}
     try:

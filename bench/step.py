@@ -48,7 +48,7 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     model, _ = load_model(args.model)
-    vocab, lora = model.config.vocab_size, LoraSpec()
+    vocab, lora = model.config.vocab_size, LoraSpec().resolved()  # one start, a secret one, for every variant
     device = ["--device", args.server_device]
     with ServerProcess(args.model, args.cuts, *device) as server, \
             ServerProcess(args.model, args.cuts, *device, "--keep-states", "0") as fallback:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from .core import data
+from .core.lora import LoraSpec
 from .core.models import MODELS, SMOLLM2, ModelUnavailable, load_model, prepare
 from .training.datafiles import DataError, Dataset, load_data, perplexity, text_batches
 from .training.export import save_adapter
@@ -60,22 +61,24 @@ def cmd_train(args) -> int:
     from .teaching.plots import plot_lora_changes, plot_losses
 
     model, tokenizer = load_model(args.model)
+    order = 0 if args.seed is None else args.seed  # the data's order and split; the LoRA's start stays secret
     if args.data:
-        dataset = load_data(args.data, tokenizer, held_out=args.held_out, seed=args.seed, chunk=args.chunk)
-        stream = (text_batches(dataset.train, args.batch_size, args.seed) if dataset.kind == "text"
-                  else data.batches(tokenizer, dataset.train, args.batch_size, seed=args.seed))
+        dataset = load_data(args.data, tokenizer, held_out=args.held_out, seed=order, chunk=args.chunk)
+        stream = (text_batches(dataset.train, args.batch_size, order) if dataset.kind == "text"
+                  else data.batches(tokenizer, dataset.train, args.batch_size, seed=order))
     else:
         dataset = Dataset("pairs", data.facts(args.task), [])  # every fact trained and scored: memorisation
-        stream = data.batches(tokenizer, dataset.train, args.batch_size, seed=args.seed)
+        stream = data.batches(tokenizer, dataset.train, args.batch_size, seed=order)
     print(f"{args.data or 'the kit task'}: {len(dataset.train)} training and {len(dataset.held_out)} held-out "
           f"examples ({dataset.kind})")
     server, address = None, args.address or os.environ.get(TRUNK_ENV)
     if args.mode != LOCAL and address is None:
-        server = TrunkServer(model, args.cuts, bind="tcp://127.0.0.1:*")
+        server = TrunkServer(model, args.cuts, bind="tcp://127.0.0.1:*", lora_seed=args.seed)  # its own server
         address = server.start()
         print(f"started a trunk server for blocks [{args.cuts[0]}, {args.cuts[1]}) on {address}")
     curve_dir = args.curve_dir or (os.environ.get(CURVE_ENV) if server is None else None)  # none for our own server
     learner = Learner(model, mode=args.mode, cuts=args.cuts, address=address, lr=args.lr, curve_dir=curve_dir,
+                      lora=LoraSpec(seed=args.seed),
                       timeout=args.timeout, retries=args.retries)  # local: the client options go unused
     try:
         print("before:", evaluate(learner, tokenizer, dataset))
@@ -206,7 +209,9 @@ def main(argv=None) -> int:
     pt.add_argument("--steps", type=int, default=30)
     pt.add_argument("--batch-size", type=int, default=8)
     pt.add_argument("--lr", type=float, default=3e-3)
-    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--seed", type=int, help="fix the data order and the LoRA's start (the Trunk's too, on the server "
+                    "this command starts) to repeat a run; a server that knows it can replay the training "
+                    "(notebook 06). Default: a secret start, the data in order 0")
     pt.add_argument("--out", default="runs", help="folder for loss.png, lora_change.png and adapter/")
     pa = sub.add_parser("assign", help="write the student versions of the notebooks: each exercise's solution "
                                        "blanked (nbgrader's format), outputs cleared")

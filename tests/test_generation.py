@@ -36,11 +36,12 @@ def test_cached_split_generation_gives_the_unsplit_models_greedy_tokens(tiny, se
     cuts = cuts_of(model)
     address = serve(model, cuts)
     ids, mask = padded_prompts(model)
-    reference = Learner(model, mode="local", cuts=cuts, lora=spec, train_trunk=mode == "full+trunk")
-    reference.model.get_base_model().generation_config.eos_token_id = None  # all NEW tokens, as generate_ids makes
-    want = reference.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                                    pad_token_id=0)[:, ids.shape[1]:]  # transformers' own generate(), cached
     with Learner(model, mode=mode, cuts=cuts, address=address, lora=spec) as split:
+        reference = Learner(model, mode="local", cuts=cuts, lora=spec, train_trunk=mode == "full+trunk")
+        reference.load_lora(split.lora_state())  # in full+trunk, the Trunk LoRA the server drew
+        reference.model.get_base_model().generation_config.eos_token_id = None  # all NEW tokens, as generate_ids
+        want = reference.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                                        pad_token_id=0)[:, ids.shape[1]:]  # transformers' own generate(), cached
         cached = generate_ids(split, ids, mask, NEW)
         uncached = generate_ids(split, ids, mask, NEW, cache=False)
         sent = [m for m in split.client.messages if m["op"] == P.INFER]
@@ -93,7 +94,7 @@ class MergeProbe(BaseStreamer):
 def test_generation_merges_the_lora_and_leaves_every_weight_and_the_next_step_as_they_were(tiny, serve, spec, mode):
     model, tokenizer = tiny
     cuts = cuts_of(model)
-    address = serve(model, cuts)
+    address = serve(model, cuts, lora_seed=0)  # the twin's Trunk LoRA starts as the learner's
     server = serve.servers[-1]
     ids, mask = padded_prompts(model)
     data = batches(tokenizer, facts(), 4, seed=2)

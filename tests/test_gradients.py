@@ -54,7 +54,8 @@ def test_full_trunk_mode_matches_unsplit_including_trunk(request, serve, spec, m
     trunk = serve.servers[-1].sessions.lora_grads(learner.client.session)
     client_blocks = model.config.num_hidden_layers - (cuts[1] - cuts[0])
     assert len(trunk) == (cuts[1] - cuts[0]) * len(got) // client_blocks  # LoRA on every trunk block
-    assert_grads_match({**got, **trunk}, reference_grads(model, cuts, spec, batch, train_trunk=True))
+    assert_grads_match({**got, **trunk}, reference_grads(model, cuts, spec, batch, train_trunk=True,
+                                                         start=learner.lora_state()))
 
 
 def test_stateless_fallback_gives_the_same_gradients(tiny, serve, spec):
@@ -109,6 +110,7 @@ def test_local_and_full_trunk_train_alike(tiny, serve, spec):
     cuts = (2, 4)
     split = Learner(model, mode="full+trunk", cuts=cuts, address=serve(model, cuts), lora=spec, lr=1e-2)
     local = Learner(copy.deepcopy(model), mode="local", cuts=cuts, lora=spec, lr=1e-2)
+    local.load_lora(split.lora_state())  # the Trunk's LoRA starts from the server's own seed
     for seed in range(3):
         batch = random_batch(model.config.vocab_size, seed=seed)
         a, b = split.step(batch), local.step(batch)
@@ -138,7 +140,8 @@ def test_a_left_padded_batch_trains_as_the_unsplit_model_masks_it(tiny, serve, s
     batch = left_padded_batch(model.config.vocab_size)
     address = serve(model, cuts, limits=Limits(states_per_session=keep))
     learner, got = split_grads(model, cuts, spec, batch, mode, address)
-    ref = unsplit_reference(copy.deepcopy(model), cuts, spec, train_trunk=mode == "full+trunk")
+    ref = unsplit_reference(copy.deepcopy(model), cuts, spec, train_trunk=mode == "full+trunk",
+                            start=learner.lora_state())
     mask, positions = left_padding([0, 3, 6], 0, 12)
     criterion(ref(input_ids=batch["input_ids"], attention_mask=mask, position_ids=positions).logits,
               batch["labels"]).backward()
@@ -149,7 +152,7 @@ def test_a_left_padded_batch_trains_as_the_unsplit_model_masks_it(tiny, serve, s
     if mode == "full+trunk":
         assert_grads_match(serve.servers[-1].sessions.lora_grads(learner.client.session), want)
     unmasked = reference_grads(model, cuts, spec, {k: batch[k] for k in ("input_ids", "labels")},
-                               train_trunk=mode == "full+trunk")
+                               train_trunk=mode == "full+trunk", start=learner.lora_state())
     assert max_rel_diff(got, unmasked) > 1e-3  # the mask mattered: without it the gradients differ
     learner.close()
 

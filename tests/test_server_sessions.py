@@ -77,7 +77,7 @@ CLASS = 30  # students on one server
 @pytest.mark.parametrize("mode", [P.FULL, P.FULL_TRUNK])
 def test_thirty_concurrent_clients_train_bit_for_bit_as_alone_in_bounded_memory(llama, serve, client, spec, mode):
     limits = Limits(states_per_session=1, states_total=8, max_sessions=CLASS)
-    address = serve(llama, CUTS, limits=limits)
+    address = serve(llama, CUTS, limits=limits, lora_seed=0)  # every session's Trunk LoRA from the same start
 
     def train(i):  # three steps of student i's own batches: its losses and its LoRA, the Trunk's included
         with Learner(llama, mode=mode, cuts=CUTS, address=address, lora=spec, lr=1e-2) as learner:

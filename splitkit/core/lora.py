@@ -6,9 +6,10 @@ the split run and one from the unsplit model can be compared name by name.
 """
 
 import re
+import secrets
 import warnings
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
@@ -21,17 +22,28 @@ from .split import FAMILIES, Blocks, check_cuts, family
 
 @dataclass
 class LoraSpec:
-    """What PEFT's LoraConfig gets; scaling = lora_alpha / r. B = 0 at start unless init_b > 0."""
+    """What PEFT's LoraConfig gets; scaling = lora_alpha / r. B = 0 at start unless init_b > 0.
+
+    `seed` None (the default) is a secret one: `resolved()` draws it from the operating system's entropy, so two
+    clients never start from the same LoRA and a server cannot recompute a client's start. Give a seed to
+    reproduce a run, and keep it from the server: with it and the step-0 tensors, the server can replay training.
+    """
 
     r: int = 8
     lora_alpha: int = 16
     target_modules: tuple[str, ...] | None = None  # None: PEFT's default for the model family
     init_b: float = 0.0  # std of a random lora_B (0 = PEFT's default, an adapter that starts as a no-op)
-    seed: int = 0
+    seed: int | None = None  # None: secret, drawn by resolved()
     extra: dict = field(default_factory=dict)  # any other LoraConfig field
 
+    def resolved(self) -> "LoraSpec":
+        """This spec with a seed: its own, or a fresh one from the operating system's entropy."""
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(31))
+
     def to_json(self) -> dict:
-        return {"r": self.r, "lora_alpha": self.lora_alpha, "seed": self.seed, "init_b": self.init_b,
+        """The `lora` object of a full+trunk hello: the shape of the Trunk's LoRA, never the seed (the server
+        draws its own)."""
+        return {"r": self.r, "lora_alpha": self.lora_alpha, "init_b": self.init_b,
                 "target_modules": None if self.target_modules is None else list(self.target_modules)}
 
     def targets(self, config) -> list[str]:
@@ -62,10 +74,12 @@ def add_adapter(peft_part: PeftModel, spec: LoraSpec, config, adapter: str):
     init_lora(peft_part, spec, adapter)
 
 
-def unsplit_reference(model, cuts, lora: LoraSpec, train_trunk: bool):
+def unsplit_reference(model, cuts, lora: LoraSpec, train_trunk: bool, start: dict | None = None):
     """The unsplit model (changed in place) with LoRA on the blocks a split run trains, same init.
 
-    With no such block (cuts (0, n) and a frozen Trunk) it is the model itself, frozen: nothing trains.
+    `start` ({name: tensor}, as Learner.lora_state() gives it) sets the LoRA a split run began from instead of
+    the seeded init: in full+trunk the server drew the Trunk's from a seed of its own. With no block to train
+    (cuts (0, n) and a frozen Trunk) it is the model itself, frozen: nothing trains.
     """
     n = model.config.num_hidden_layers
     a, b = check_cuts(cuts, n)
@@ -79,6 +93,13 @@ def unsplit_reference(model, cuts, lora: LoraSpec, train_trunk: bool):
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
         peft_model = get_peft_model(model, config)
     init_lora(peft_model, lora)
+    if start is not None:
+        own = dict(lora_parameters(peft_model))
+        if own.keys() != start.keys():
+            raise ValueError(f"the start does not fit this reference: {sorted(own.keys() ^ start.keys())[:3]} ...")
+        with torch.no_grad():
+            for name, weight in own.items():
+                weight.copy_(start[name])
     return peft_model
 
 
@@ -108,15 +129,16 @@ def lora_parameters(module, adapter: str = "default"):
 
 
 def init_lora(module, spec: LoraSpec, adapter: str = "default"):
-    """Initialise each LoRA layer from a seed and its place in the whole model.
+    """Initialise each LoRA layer from the spec's seed (a secret one if it gives none) and its place in the model.
 
     A layer gets the same lora_A (and lora_B) whether it sits in the unsplit model, in a Part
     on the client or in the Trunk on the server, so split and unsplit runs start identical.
     A is PEFT's default (kaiming-uniform, a=sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in))).
     """
+    seed = spec.resolved().seed  # one secret seed for every layer when the spec gives none
     with torch.no_grad():
         for key, layer in lora_layers(module, adapter).items():
-            g = torch.Generator().manual_seed(spec.seed * 1_000_003 + zlib.crc32(key.encode()))
+            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, in), (out, r)
             bound = A.shape[1] ** -0.5
             A.copy_(torch.rand(A.shape, generator=g) * 2 * bound - bound)

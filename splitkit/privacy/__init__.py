@@ -1,6 +1,7 @@
 """What the trunk server can read, measured: the attacks a curious or malicious server can run on what crosses
 the wire (`attacks`: white-box search, answer matching, a shadow Bottom) and the probes notebook 06 and the privacy
-benchmark are made of (`probes`: inversions, label probes, curious and steering servers).
+benchmark are made of (`probes`: inversions, label probes, curious and steering servers), and the replay of a
+client's training by a server that knows its seed (`replay`).
 
 It imports the core, the wire, the client's training (its defences) and the trunk server, whose ops the probes
 run directly; nothing below imports it.
@@ -22,8 +23,9 @@ from .probes import (
                      recovery,
                      top_logits,
 )
+from .replay import Replay, replay
 
-__all__ = ["SECRETS", "SENTENCES", "CuriousServer", "SteeringServer", "answer_match", "encode_sentences",
+__all__ = ["SECRETS", "SENTENCES", "CuriousServer", "Replay", "SteeringServer", "answer_match", "encode_sentences",
            "fit_inversions", "gradient_reach", "hidden_by_cut", "label_probe", "linear_read", "nearest_tokens",
-           "recovered_tokens", "recovery", "secret_positions", "secrets_recovered", "shadow_bottom", "top_logits",
-           "whitebox_search"]
+           "recovered_tokens", "recovery", "replay", "secret_positions", "secrets_recovered", "shadow_bottom",
+           "top_logits", "whitebox_search"]

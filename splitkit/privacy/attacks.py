@@ -22,6 +22,9 @@ What each attacker knows (the threat model of notebook 06 and the README):
                       they sit) and picks, per row, the answer whose dL/dh2 under the public Top points the
                       most the same way as what arrived.
 
+  replay              the client's LoRA seed, learning rate and optimizer besides: `privacy.replay` runs a copy of
+                      the client's Bottom, reading each step exactly and stepping the copy as the client does.
+
 Not built here: feature-space hijacking (Pasquini et al., "Unleashing the tiger", 2021), where a malicious
 server trains the client's Bottom towards an invertible space it chose; inversion by a trained decoder on
 natural text (BiSR of SplitLLM, VFLAIR-LLM's learned attacks); membership inference.

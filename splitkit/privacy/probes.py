@@ -197,11 +197,13 @@ def _label_at(top, h, r, probes: int, verify: int, g):  # (1, t, d), (d,) -> (y,
 
 
 class CuriousServer(TrunkServer):
-    """An honest trunk server that keeps a copy of every tensor it receives: h1 and dL/dh2."""
+    """An honest trunk server that keeps a copy of every tensor it receives (h1 and dL/dh2) and of every dL/dh1 it
+    answers."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.seen = []  # [(op, [tensors])], oldest first
+        self.sent_back = []  # [dL/dh1], one per backward answered, oldest first
 
     def _forward(self, session, header, tensors):
         self.seen.append((header["op"], [t.clone() for t in tensors]))
@@ -209,7 +211,10 @@ class CuriousServer(TrunkServer):
 
     def _backward(self, session, header, tensors):
         self.seen.append((header["op"], [t.clone() for t in tensors]))
-        return super()._backward(session, header, tensors)
+        reply = super()._backward(session, header, tensors)
+        _, (g1,) = wire.decode(reply)  # (B, T, d)
+        self.sent_back.append(g1)
+        return reply
 
 
 class SteeringServer(CuriousServer):
@@ -224,4 +229,5 @@ class SteeringServer(CuriousServer):
         if self.forge is None:
             return reply
         _, (g1,) = wire.decode(reply)  # (B, T, d): the honest dL/dh1
-        return wire.encode(P.ok(header), [self.forge(g1)], dtype=tensors[0].dtype)
+        self.sent_back[-1] = self.forge(g1)
+        return wire.encode(P.ok(header), [self.sent_back[-1]], dtype=tensors[0].dtype)

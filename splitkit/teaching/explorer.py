@@ -60,6 +60,7 @@ def measure_steps(model, cuts, lora: LoraSpec, batch_size: int, seq_len: int, gr
     Returns {"bytes": {mode: bytes sent + received}, "tensors": {mode: (B, T, d) tensors that crossed},
     "trainable": {part: LoRA parameters}, "grad_rel_diff": float | None (with gradient_check)}.
     """
+    lora = lora.resolved()  # one start for the split run and its unsplit reference
     batch = random_batch(model.config.vocab_size, batch_size, seq_len, seed=0)
     hidden = [batch_size, seq_len, model.config.hidden_size]  # the shape of h1, h2, dL/dh2, dL/dh1
     out = {"bytes": {}, "tensors": {}, "trainable": {}}

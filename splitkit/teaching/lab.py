@@ -72,7 +72,8 @@ def run_lab(model, tokenizer, settings: LabSettings, on_step=None, stop: threadi
     """Train every mode of `settings` on the kit's task; call on_step(result) after each round of steps."""
     facts = data.facts()
     held, trained = facts[:settings.held_out], facts[settings.held_out:]
-    lora = LoraSpec(r=settings.r, lora_alpha=2 * settings.r, target_modules=tuple(settings.targets))
+    # one start, a secret one, for every mode
+    lora = LoraSpec(r=settings.r, lora_alpha=2 * settings.r, target_modules=tuple(settings.targets)).resolved()
     result = LabResult(settings)
     trunk = class_or_own(model, settings.cuts, say=None)  # the class server if it runs these cuts, else one of our own
     result.trunk, address = trunk.line, trunk.address

@@ -46,9 +46,10 @@ def max_rel_diff(got: dict, want: dict) -> float:
     return max((rel_diff(g, want[name]) for name, g in got.items()), default=0.0)
 
 
-def reference_grads(model, cuts, lora: LoraSpec, batch: dict, train_trunk: bool) -> dict:
-    """LoRA gradients of the unsplit model on `batch`, with LoRA where a split run would put it."""
-    ref = unsplit_reference(copy.deepcopy(model), cuts, lora, train_trunk)
+def reference_grads(model, cuts, lora: LoraSpec, batch: dict, train_trunk: bool, start: dict | None = None) -> dict:
+    """LoRA gradients of the unsplit model on `batch`, with LoRA where a split run would put it, from `start` if
+    given (a split run's Learner.lora_state(): in full+trunk it holds the server's own Trunk LoRA)."""
+    ref = unsplit_reference(copy.deepcopy(model), cuts, lora, train_trunk, start)
     loss = criterion(ref(input_ids=batch["input_ids"]).logits, batch["labels"])
     if loss.requires_grad:  # else no block has LoRA there: no gradient to compare
         loss.backward()

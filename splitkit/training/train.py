@@ -30,7 +30,8 @@ def criterion(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
-def _adamw(module, lr):
+def adamw(module, lr):
+    """The client's optimizer of a part: AdamW without weight decay over what trains in it; None if nothing does."""
     params = [p for p in module.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0) if params else None
 
@@ -53,7 +54,8 @@ class Learner:
             raise ValueError(f"mode {mode!r} needs the address of a trunk server")
         if freeze_a and mode == FULL_TRUNK:
             raise ValueError("freeze_a freezes the client's lora_A; the server trains the Trunk's: use mode 'full'")
-        self.mode, self.cuts, self.lora = mode, check_cuts(cuts, model.config.num_hidden_layers), lora or LoraSpec()
+        self.mode, self.cuts = mode, check_cuts(cuts, model.config.num_hidden_layers)
+        self.lora = (lora or LoraSpec()).resolved()  # a secret seed unless one is given
         _check_defence(defence, mode)
         self.guard, self.penalty = Guard(defence), None  # penalty: the newest step's NoPeek term, or None
         self.model = self.bottom = self.top = self.trunk = self.client = None
@@ -78,10 +80,10 @@ class Learner:
 
     def _new_optimizers(self):
         if self.mode == LOCAL:
-            self.optimizers = [_adamw(self.model, self.lr)]
+            self.optimizers = [adamw(self.model, self.lr)]
             return
         # the simplified version's two client optimizers; None for a part with no blocks to train
-        self.optimizer_bottom, self.optimizer_top = _adamw(self.bottom, self.lr), _adamw(self.top, self.lr)
+        self.optimizer_bottom, self.optimizer_top = adamw(self.bottom, self.lr), adamw(self.top, self.lr)
         self.optimizers = [self.optimizer_bottom, self.optimizer_top]
 
     def _lora_parameters(self) -> list:

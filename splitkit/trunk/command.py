@@ -56,6 +56,9 @@ def parse_args(argv=None, prog: str | None = None):
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without keys")
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
                    help="e.g. drop=0.1,delay=0.2,delay_s=2,crash_after=50 (for showing recovery)")
+    p.add_argument("--lora-seed", type=int, metavar="N",
+                   help="start every full+trunk session's Trunk LoRA from seed N, to repeat a run (default: a secret "
+                        "seed per session, from the operating system's entropy)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     limits = p.add_argument_group("limits", "what the server holds at most (splitkit.trunk.state.Limits); 0 is "
                                             "allowed, a negative value is refused")
@@ -79,7 +82,7 @@ def main(argv=None, prog: str | None = None) -> int:
         limits = limits_from(args)  # before the model loads: a bad value is told at once
         model, _ = load_model(args.model)
         server = TrunkServer(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
-                             insecure=args.insecure, faults=faults, limits=limits)
+                             insecure=args.insecure, faults=faults, limits=limits, lora_seed=args.lora_seed)
         del model
         server.serve_forever()
     except (ValueError, TypeError, RuntimeError) as e:

@@ -36,7 +36,10 @@ class TrunkServer:
     """Serves blocks [a, b) of `model` to any number of clients, one session each."""
 
     def __init__(self, model, cuts, bind: str = DEFAULT_BIND, device: str = "cpu", limits: Limits | None = None,
-                 faults: Faults | None = None, curve_dir=None, insecure: bool = False):
+                 faults: Faults | None = None, curve_dir=None, insecure: bool = False,
+                 lora_seed: int | None = None):
+        """`lora_seed` fixes the start of every full+trunk session's Trunk LoRA (to repeat a run); by default each
+        session's is drawn from the operating system's entropy, a secret of the server's, never the client's."""
         self.endpoint = Endpoint(bind, curve_dir, insecure)  # the address checked now, bound when serving starts
         self.name, self.hidden_size = model.config.name_or_path, model.config.hidden_size
         self.cuts = check_cuts(cuts, model.config.num_hidden_layers)
@@ -45,7 +48,7 @@ class TrunkServer:
         self.limits, self.faults = limits or Limits(), faults or Faults()
         self.identity = dict(model=self.name, cuts=list(self.cuts), hidden_size=self.hidden_size,
                              fingerprint=self.fingerprint, device=str(self.device), limits=vars(self.limits))
-        self.sessions = Sessions.of(model, self.cuts, self.device, self.limits)  # over a private copy of the blocks
+        self.sessions = Sessions.of(model, self.cuts, self.device, self.limits, lora_seed)  # a private copy
         self.counters = dict(requests=0, errors=0, bytes_in=0, bytes_out=0, dropped=0, recomputed=0)
         self.answered, self.refused = Counter(), Counter()  # op -> requests answered ok; code -> refusals
         self._random = random.Random(self.faults.seed)

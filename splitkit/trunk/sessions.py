@@ -10,6 +10,7 @@ import copy
 import time
 import warnings
 from collections import Counter
+from dataclasses import replace
 
 import torch
 from transformers import DynamicCache
@@ -23,17 +24,17 @@ from .state import Generation, Limits, Session, State
 class Sessions:
     """The session table of one server: open, find, close, sweep, and the per-session LoRA on the Trunk."""
 
-    def __init__(self, trunk, config, limits: Limits):
-        self.trunk, self.config, self.limits = trunk, config, limits
+    def __init__(self, trunk, config, limits: Limits, lora_seed: int | None = None):
+        self.trunk, self.config, self.limits, self.lora_seed = trunk, config, limits, lora_seed
         self.peft = None  # the PeftModel around the Trunk while any full+trunk session is open
         self.table: dict[str, Session] = {}
 
     @classmethod
-    def of(cls, model, cuts, device, limits: Limits) -> "Sessions":
+    def of(cls, model, cuts, device, limits: Limits, lora_seed: int | None = None) -> "Sessions":
         """The table of a server of blocks [a, b) of `model`: a private copy of them on `device`, as on a
         separate machine (the client's LoRA never reaches it)."""
         trunk = copy.deepcopy(split_model(model, cuts).trunk).to(device).requires_grad_(False)
-        return cls(trunk, model.config, limits)
+        return cls(trunk, model.config, limits, lora_seed)
 
     def __len__(self):
         return len(self.table)
@@ -47,6 +48,8 @@ class Sessions:
         self.sweep()
         if len(self.table) >= self.limits.max_sessions:
             raise Refused(f"the server holds {len(self.table)} sessions, its limit; try again later", BUSY)
+        if lora is not None:  # the Trunk LoRA's seed is the server's: its own fixed one, or a fresh secret one
+            lora = replace(lora, seed=self.lora_seed).resolved()
         session = Session(sid, mode, lora, lr)
         if mode == FULL_TRUNK:
             self._add_adapter(session, names, tensors)

@@ -86,6 +86,9 @@ class TrunkClient:
                  "wire_dtype": self.wire_dtype}
         header, _ = self._call(dict(hello), reopen=False)
         self._hello = hello  # a refused hello opens no session: nothing to say bye to, or to reopen
+        if mode == P.FULL_TRUNK:  # the server drew the Trunk LoRA from a seed of its own: keep it for a restart
+            state = self.trunk_lora()
+            self._trunk_lora = (list(state), list(state.values()))
         return header
 
     def forward(self, h1: torch.Tensor, key: int | None = None, pad: list | None = None) -> torch.Tensor:

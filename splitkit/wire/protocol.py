@@ -166,17 +166,20 @@ def hidden_states(tensors: list, counts: tuple[int, ...], hidden_size: int, max_
 def lora_spec(obj) -> LoraSpec:
     """The 'lora' object of a full+trunk hello as a LoraSpec."""
     if not isinstance(obj, dict):
-        raise Refused("full+trunk needs a 'lora' object {r, lora_alpha, target_modules, seed, init_b}")
-    r, alpha, seed, init_b = obj.get("r"), obj.get("lora_alpha"), obj.get("seed", 0), obj.get("init_b", 0.0)
+        raise Refused("full+trunk needs a 'lora' object {r, lora_alpha, target_modules, init_b}")
+    if "seed" in obj:
+        raise Refused("lora: send no seed; the server draws the Trunk LoRA from a seed of its own "
+                      "(read it with lora_state, or send a start of yours with names and tensors)")
+    r, alpha, init_b = obj.get("r"), obj.get("lora_alpha"), obj.get("init_b", 0.0)
     targets = obj.get("target_modules")
     if type(r) is not int or not 1 <= r <= 256 or type(alpha) not in (int, float) or not 0 < alpha <= 4096:
         raise Refused("lora: r must be an integer in [1, 256] and lora_alpha a number in (0, 4096]")
-    if type(seed) is not int or not 0 <= seed < 2**31 or type(init_b) not in (int, float) or not 0 <= init_b < 10:
-        raise Refused("lora: seed must be an integer in [0, 2**31) and init_b a number in [0, 10)")
+    if type(init_b) not in (int, float) or not 0 <= init_b < 10:
+        raise Refused("lora: init_b must be a number in [0, 10)")
     if targets is not None and (not isinstance(targets, list) or not 0 < len(targets) <= 16
                                 or not all(isinstance(t, str) and t.isidentifier() for t in targets)):
         raise Refused("lora: target_modules must be a list of up to 16 module names")
-    return LoraSpec(r=r, lora_alpha=alpha, seed=seed, init_b=float(init_b),
+    return LoraSpec(r=r, lora_alpha=alpha, seed=None, init_b=float(init_b),  # seed None: the server's secret
                     target_modules=None if targets is None else tuple(targets))
 
 

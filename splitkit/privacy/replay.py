@@ -1,0 +1,51 @@
+"""The replay: what a curious server does with a client's seed.
+
+In `full` mode the server sees, at every step, the h1 the client sent and the dL/dh1 it answered. If it also knows
+the seed the client's LoRA started from, its learning rate and its optimizer (the kit's AdamW), it can run a copy of
+the client's Bottom beside the client: read the step's tokens from h1 by white-box search through the copy (exact,
+for the copy *is* the client's Bottom), backpropagate its own dL/dh1 through the copy and step it as the client steps
+its own. Every step is then read as step 0 is read through the public Bottom. With a wrong seed the copy leaves the
+client's Bottom after the first step, and the search says so: positions it cannot explain.
+
+A Bottom whose LoRA starts at B = 0 is the public one at step 0 whatever the seed; the seed decides everything after.
+"""
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+
+from ..core.lora import LoraSpec, add_lora
+from ..core.split import split_model
+from ..training.train import adamw
+from .attacks import whitebox_search
+
+
+@dataclass
+class Replay:
+    """What the replay read: per step the tokens (B, T), and whether each position was explained (B, T); the copy."""
+
+    ids: list = field(default_factory=list)
+    explained: list = field(default_factory=list)
+    bottom: torch.nn.Module | None = None
+
+
+def replay(model, cuts, lora: LoraSpec, lr: float, seen, **search) -> Replay:
+    """Replay a `full` client's training from `seen`, [(h1, dL/dh1)] per step as the server saw and answered them
+    (`CuriousServer.seen` and `.sent_back`), with the client's LoRA spec (its seed) and learning rate. `search`
+    goes to whitebox_search (shortlist, budget). A batch without padding, as the kit's task makes."""
+    if lora.seed is None:
+        raise ValueError("the replay needs the client's seed: a LoraSpec with seed=")
+    bottom = add_lora(split_model(copy.deepcopy(model), cuts).bottom, lora, model.config)
+    optimizer = adamw(bottom, lr)
+    out = Replay(bottom=bottom)
+    for h1, g1 in seen:  # (B, T, d), (B, T, d)
+        found = [whitebox_search(model, bottom, row, **search) for row in h1]
+        ids = torch.stack([f["ids"] for f in found])  # (B, T)
+        out.ids.append(ids)
+        out.explained.append(torch.stack([f["explained"] for f in found]))
+        if optimizer is not None:  # the client's step, done by the server: dL/dh1 through the copy, then AdamW
+            optimizer.zero_grad(set_to_none=True)
+            bottom(ids).backward(g1)
+            optimizer.step()
+    return out
