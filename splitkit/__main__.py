@@ -3,6 +3,7 @@
     python -m splitkit prepare            convert SmolLM2 once and cache it; JupyterLab's settings for a class
     python -m splitkit keys DIR           CURVE key pairs for a server that others can reach
     python -m splitkit keys DIR --add NAME    issue student NAME a key (--remove NAME withdraws it, --list)
+    python -m splitkit keys DIR --flower-host HOST   and Flower's TLS for the SuperLink, SuperNode keys per student
     python -m splitkit train --mode full  fine-tune, print the evaluation, write plots and a PEFT adapter
     python -m splitkit serve --cuts 10 20 serve the Trunk (trunk_server.py's flags: serve --help)
     python -m splitkit assign --out assignments   the student versions of the notebooks (exercises blank)
@@ -110,15 +111,23 @@ def write_losses(history, path: Path):
 
 
 def cmd_keys(args) -> int:
+    from .federated.credentials import add_supernode_key, make_flower_tls
+
     folder = Path(args.dir)
     if not (args.add or args.remove or args.list):
-        make_keys(folder, replace=args.new_server_key)
-        print(f"keys in {folder}: run the server with --curve-dir {folder}; a key for each student: --add NAME, "
-              f"then give that student the folder {folder / 'students' / 'NAME'}. {folder} itself is the teacher's "
-              f"key folder (its client.key_secret is the teacher's): keep it, and never commit it")
+        if args.flower_host is None or args.new_server_key or not (folder / "server.key").exists():
+            make_keys(folder, replace=args.new_server_key)
+            print(f"keys in {folder}: run the server with --curve-dir {folder}; a key for each student: --add NAME, "
+                  f"then give that student the folder {folder / 'students' / 'NAME'}. {folder} itself is the "
+                  f"teacher's key folder (its client.key_secret is the teacher's): keep it, and never commit it")
         if args.new_server_key:
             print(f"a new server key: every student needs the new {folder / 'server.key'} in their folder; a "
                   f"running server goes on with the old one until it restarts")
+        if args.flower_host:
+            tls = make_flower_tls(folder, args.flower_host)
+            print(f"Flower's TLS for a SuperLink at {args.flower_host} in {tls}/: flower-superlink --ssl-ca-certfile "
+                  f"{tls / 'ca.crt'} --ssl-certfile {tls / 'superlink.crt'} --ssl-keyfile {tls / 'superlink.key'}; "
+                  f"each student added from now on gets a SuperNode key pair too")
         return 0
     for name in args.remove:
         public = remove_student(folder, name)
@@ -131,6 +140,10 @@ def cmd_keys(args) -> int:
               f"folder to {name} alone, to use as curve_dir (TrunkClient, Learner). Public key: "
               f"{folder / 'authorized' / (name + '.key')}; a server running with --curve-dir {folder} lets "
               f"{name} in within a second.")
+        if (folder / "flower" / "ca.crt").is_file():
+            public = add_supernode_key(folder, name)
+            print(f"{name}: a SuperNode key pair for Flower in {own}/ (flower.key, the student's secret, and "
+                  f"flower-ca.crt); register it on the SuperLink with: flwr supernode register {public} FEDERATION")
     if args.list:
         names = authorized(folder)
         print(f"authorized in {folder / 'authorized'}: {', '.join(names) if names else 'nobody'}")
@@ -185,6 +198,10 @@ def main(argv=None) -> int:
                     help="withdraw NAME's key: delete DIR/authorized/NAME.key; a running server refuses it within "
                          "a second")
     pk.add_argument("--list", action="store_true", help="print who is authorized (DIR/authorized/*.key)")
+    pk.add_argument("--flower-host", metavar="HOST",
+                    help="also make Flower's TLS for a SuperLink at HOST (an IP address or a name): a certificate "
+                         "authority and the SuperLink's certificate in DIR/flower/; every student added after it gets "
+                         "a SuperNode key pair for Flower's SuperNode authentication")
     pk.add_argument("--new-server-key", action="store_true",
                     help="make a new server key pair in a DIR that has one (without it, keys DIR refuses: every "
                          "student's copy of server.key stops working)")

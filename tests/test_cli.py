@@ -1,5 +1,6 @@
 """The command-line main job and the trunk server's command line."""
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -253,3 +254,63 @@ def test_importing_the_server_script_leaves_the_environment_as_it_was():
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "None", out
+
+
+def tls_handshake(folder, ca_file) -> str:
+    """A TLS handshake on loopback between a server with DIR/flower's SuperLink certificate and a client that
+    trusts `ca_file`; the server's name as the client verified it."""
+    import socket
+    import ssl
+    import threading
+
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(folder / "flower" / "superlink.crt", folder / "flower" / "superlink.key")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        with contextlib.suppress(ssl.SSLError, OSError), server_side.wrap_socket(conn, server_side=True) as tls:
+            tls.sendall(b"ok")
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        client_side = ssl.create_default_context(cafile=str(ca_file))
+        with socket.create_connection(listener.getsockname(), timeout=5) as raw, \
+                client_side.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            assert tls.recv(2) == b"ok"
+            return tls.getpeercert()["subjectAltName"][0][1]
+    finally:
+        thread.join(5)
+        listener.close()
+
+
+def test_keys_command_makes_flowers_tls_and_a_supernode_key_pair_per_student(tmp_path, capsys):
+    import ssl
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+
+    from splitkit.__main__ import main
+
+    folder, other = tmp_path / "class", tmp_path / "other"
+    out = keys(capsys, folder, "--flower-host", "127.0.0.1")
+    assert "--ssl-certfile" in out and (folder / "server.key").is_file()
+    assert "alice: a SuperNode key pair" in keys(capsys, folder, "--add", "alice")
+    own = folder / "students" / "alice"
+    assert {p.name for p in own.iterdir()} == {"client.key_secret", "server.key", "flower.key", "flower.pub",
+                                               "flower-ca.crt"}
+    assert all(p.stat().st_mode & 0o077 == 0 for p in (own / "flower.key", folder / "flower" / "superlink.key",
+                                                       folder / "flower" / "ca.key"))
+    # the SuperLink's certificate passes a real TLS handshake for its host with the student's copy of the CA
+    assert tls_handshake(folder, own / "flower-ca.crt") == "127.0.0.1"
+    keys(capsys, other, "--flower-host", "127.0.0.1")  # another class's authority: not trusted
+    with pytest.raises(ssl.SSLCertVerificationError):
+        tls_handshake(folder, other / "flower" / "ca.crt")
+    # the SuperNode key loads as Flower's SuperNode loads it, and flower.pub is its public half
+    private = load_ssh_private_key((own / "flower.key").read_bytes(), None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert load_ssh_public_key((own / "flower.pub").read_bytes()).public_numbers() == \
+        private.public_key().public_numbers()
+    assert main(["keys", str(folder), "--flower-host", "127.0.0.1"]) == 2
+    assert "has Flower's certificates already" in capsys.readouterr().err

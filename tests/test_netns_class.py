@@ -39,7 +39,7 @@ STEPS = 40  # each Learner student's steps
 SLOW_MBIT = 1  # carol's link in the slow-link scenario
 
 # what the runbook says, run here as it is written there
-KEYS = "python -m splitkit keys classkeys"
+KEYS = "python -m splitkit keys classkeys --flower-host 10.231.9.1"
 ADD = "python -m splitkit keys classkeys --add alice --add bob --add carol --add erin"
 REMOVE = "python -m splitkit keys classkeys --remove erin"
 LIST = "python -m splitkit keys classkeys --list"
@@ -357,13 +357,19 @@ def test_a_class_across_machines_keys_a_slow_link_a_killed_student_and_the_teach
     assert not any("error" in s for s in view.lines)
 
 
-# Flower across the machines: the SuperLink on the teacher's, a SuperNode on alice's and on bob's, each with her key
-SUPERLINK = "flower-superlink --insecure --disable-runtime-dependency-installation --host 10.231.9.1"
-SUPERNODES = {"alice": 'flower-supernode --insecure --superlink 10.231.9.1:8000 --node-config '
-                       '"partition-id=0 num-partitions=2 curve-dir=\'alice\'"',
-              "bob": 'flower-supernode --insecure --superlink 10.231.9.1:8000 --node-config '
-                     '"partition-id=1 num-partitions=2 curve-dir=\'bob\'"'}
+# Flower across the machines: the SuperLink on the teacher's, with TLS and SuperNode authentication; a SuperNode on
+# alice's and on bob's, each with her keys (CURVE for the trunk, a registered key for Flower); carol's without a key
+SUPERLINK = ("flower-superlink --ssl-ca-certfile classkeys/flower/ca.crt --ssl-certfile classkeys/flower/superlink.crt "
+             "--ssl-keyfile classkeys/flower/superlink.key --enable-supernode-auth "
+             "--disable-runtime-dependency-installation --host 10.231.9.1")
+REGISTER = {who: f"flwr supernode register classkeys/students/{who}/flower.pub class" for who in ("alice", "bob")}
+SUPERNODES = {who: (f"flower-supernode --root-certificates {who}/flower-ca.crt --auth-supernode-private-key "
+                    f"{who}/flower.key --superlink 10.231.9.1:8000 --node-config "
+                    f"\"partition-id={i} num-partitions=2 curve-dir='{who}'\"")
+              for i, who in enumerate(("alice", "bob"))}
+NO_NODE_KEY = "flower-supernode --root-certificates carol/flower-ca.crt --superlink 10.231.9.1:8000"
 FLWR_RUN = "flwr run flower class --stream"
+TEACHER_HOME = "/home/teacher"  # where the runbook's config.toml has the teacher's folder
 FLOWER_CONFIG = {"address": '"tcp://10.231.9.1:5555"', "model": '"tiny-llama"', "cuts": '"2,4"', "clients": "2",
                  "rounds": "2", "local-steps": "2", "facts": "8"}
 
@@ -377,7 +383,8 @@ def test_flower_rounds_across_machines_average_as_the_simulation_does(classroom,
     home = tmp / "flwr-home"  # the teacher's ~/.flwr: where `flwr run` finds the SuperLink by name
     home.mkdir()
     toml = DOC[DOC.index("[superlink]"):]
-    (home / "config.toml").write_text(toml[:toml.index("```")])
+    assert f'root-certificates = "{TEACHER_HOME}/classkeys/flower/ca.crt"' in toml  # an absolute path: Flower's rule
+    (home / "config.toml").write_text(toml[:toml.index("```")].replace(TEACHER_HOME, str(teacher)))
     app = (ROOT / "flower" / "pyproject.toml").read_text()
     lines = []
     for line in app.splitlines():
@@ -390,10 +397,22 @@ def test_flower_rounds_across_machines_average_as_the_simulation_does(classroom,
     env = {"FLWR_HOME": str(home), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     started = time.monotonic()
     link = room.start("teacher", doc_argv(SUPERLINK), cwd=teacher, name="superlink", env=env)
+    for who, command in REGISTER.items():  # once the SuperLink answers
+        deadline = time.monotonic() + 120
+        while (register := room.start("teacher", doc_argv(command), cwd=teacher, name=f"register-{who}", env=env)
+               ).finish(60) != 0:
+            assert time.monotonic() < deadline, "".join(register.text)[-2000:] + register.stderr()[-2000:]
+            time.sleep(2)
     for who, command in SUPERNODES.items():
         machine = tmp / f"{who}-flower"
         shutil.copytree(keys / "students" / who, machine / who)
         room.start(who, doc_argv(command), cwd=machine, name=f"supernode-{who}", env=env)
+    # carol's SuperNode, given no Flower key: the SuperLink turns it away, and it stops
+    shutil.copytree(keys / "students" / "carol", tmp / "carol-flower" / "carol")
+    intruder = room.start("carol", doc_argv(NO_NODE_KEY), cwd=tmp / "carol-flower", name="supernode-carol", env=env)
+    assert intruder.finish(120) != 0
+    said = intruder.stderr() + "".join(intruder.text)
+    assert "must be registered" in said, said[-2000:]
     deadline = time.monotonic() + 120
     while True:  # the SuperLink answers `flwr run` once it is up
         run = room.start("teacher", doc_argv(FLWR_RUN), cwd=teacher, name="flwr-run", env=env)
@@ -427,5 +446,6 @@ def test_every_command_of_the_runbook_is_one_this_test_runs():
     """docs/classroom.md's shell blocks hold the commands above and nothing else, so none goes untested."""
     blocks = [block.split("```", 1)[0] for block in DOC.split("```bash\n")[1:]]
     written = [line.strip() for block in blocks for line in block.splitlines() if line.strip()]
-    run = [KEYS, ADD, REMOVE, LIST, SERVER, CLI_TRAIN, NO_KEY, SUPERLINK, *SUPERNODES.values(), FLWR_RUN]
+    run = [KEYS, ADD, REMOVE, LIST, SERVER, CLI_TRAIN, NO_KEY, SUPERLINK, *REGISTER.values(), *SUPERNODES.values(),
+           NO_NODE_KEY, FLWR_RUN]
     assert sorted(written) == sorted(run)
