@@ -180,8 +180,11 @@ class Top(nn.Module):
         self.norm, self.lm_head = lay.norm, lay.lm_head
         self.softcap = getattr(model.config, "final_logit_softcapping", None)  # Gemma 2: cap * tanh(logits / cap)
 
-    def forward(self, h, attention_mask=None, position_ids=None, past_key_values=None):
-        logits = self.lm_head(self.norm(self.blocks(h, attention_mask, position_ids, past_key_values)))  # (B, T, vocab)
+    def forward(self, h, attention_mask=None, position_ids=None, past_key_values=None, logits_to_keep: int = 0):
+        """logits_to_keep k > 0: the logits of the last k positions only (B, k, vocab), as transformers' models
+        compute them for generate(); the blocks still see every position (they fill the cache)."""
+        h = self.blocks(h, attention_mask, position_ids, past_key_values)  # (B, T, d)
+        logits = self.lm_head(self.norm(h[:, -logits_to_keep:] if logits_to_keep else h))  # (B, T or k, vocab)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits

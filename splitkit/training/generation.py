@@ -36,7 +36,7 @@ def generate_ids(learner, input_ids, attention_mask=None, max_new_tokens: int = 
     try:
         with _Run(learner, pad.tolist(), cache) as run:
             for _ in range(max_new_tokens):
-                logits = run(step, start)[:, -1]  # (B, vocab): the next token's
+                logits = run(step, start)[:, -1]  # (B, vocab): the next token's, the only one computed
                 token = torch.where(done, pad_token_id, pick(ids, logits))  # (B,)
                 ids = torch.cat([ids, token[:, None]], dim=1)
                 if streamer is not None:
@@ -101,12 +101,12 @@ class _Run:
         finally:
             self.merged.close()
 
-    def __call__(self, ids, start: int):  # (B, T) -> logits (B, T, vocab)
+    def __call__(self, ids, start: int):  # (B, T) -> logits (B, 1, vocab): the last position's
         mask, positions = left_padding(self.pad, start, start + ids.shape[1])  # (B, start + T), (B, T)
         parts = dict(attention_mask=mask, position_ids=positions)
         if self.learner.mode == LOCAL:
             return self.learner.model(input_ids=ids, past_key_values=self.caches[0], use_cache=self.cache,
-                                      **parts).logits
+                                      logits_to_keep=1, **parts).logits
         h1 = self.learner.guard.h1(self.learner.bottom(ids, past_key_values=self.caches[0], **parts))  # (B, T, d)
         client = self.learner.client
         if self.cache:
@@ -114,7 +114,7 @@ class _Run:
             self.sent.append(h1)
         else:
             h2 = client.forward(h1, pad=self.pad)  # (B, T, d)
-        return self.learner.top(h2, past_key_values=self.caches[1], **parts)  # (B, T, vocab)
+        return self.learner.top(h2, past_key_values=self.caches[1], logits_to_keep=1, **parts)  # (B, 1, vocab)
 
     def _prefix(self) -> torch.Tensor:  # (B, start, d)
         """The h1 of every position so far, joined only when the server asks for it again (cache_missing);
