@@ -103,3 +103,11 @@ def test_privacy_bench_measures_each_defence_against_its_attacks(tmp_path):
     assert [r[0] for r in overhead][0] == "none" and len(overhead) == 5 and overhead[0][3] == "1.00×"
     sweep = table((tmp_path / "privacy-cuts.md").read_text())
     assert [r[0] for r in sweep] == ["1", "3"] and all(r[1] == "100%" and r[2] == "2/2" for r in sweep)
+
+
+def test_capacity_bench_serves_each_class_serially_and_together_with_and_without_batching(tmp_path):
+    rows = table(run("capacity.py", "--model", "tiny-llama", "--cuts", "2", "4", "--classes", "1", "3", "--new", "4",
+                     "--steps", "1", out=tmp_path))
+    assert [(r[0], r[1], r[2]) for r in rows] == [(work, batching, n) for batching in ("off", "2 ms")
+                                                 for work in ("generation", "training") for n in ("1", "3")]
+    assert all(float(r[4]) > 0 and float(r[5]) > 0 for r in rows)

@@ -12,6 +12,7 @@ import logging
 from dataclasses import fields
 
 from ..core.models import MODELS, SMOLLM2, load_model
+from .batching import BatchingServer
 from .faults import Faults
 from .server import DEFAULT_BIND, TrunkServer
 from .sessions import Limits
@@ -56,6 +57,10 @@ def parse_args(argv=None, prog: str | None = None):
     p.add_argument("--insecure", action="store_true", help="allow a non-loopback bind without keys")
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
                    help="e.g. drop=0.1,delay=0.2,delay_s=2,crash_after=50 (for showing recovery)")
+    p.add_argument("--batch-window-ms", type=float, metavar="MS",
+                   help="run the one-token generation steps of different students that wait together as one batch, "
+                        "gathered for up to MS ms after the first (0: only those already waiting); results equal "
+                        "those served alone within float rounding, not bit for bit (default: off, one at a time)")
     p.add_argument("--lora-seed", type=int, metavar="N",
                    help="start every full+trunk session's Trunk LoRA from seed N, to repeat a run (default: a secret "
                         "seed per session, from the operating system's entropy)")
@@ -81,8 +86,11 @@ def main(argv=None, prog: str | None = None) -> int:
         faults = Faults.parse(args.simulate_faults)
         limits = limits_from(args)  # before the model loads: a bad value is told at once
         model, _ = load_model(args.model)
-        server = TrunkServer(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
-                             insecure=args.insecure, faults=faults, limits=limits, lora_seed=args.lora_seed)
+        kind, batching = (TrunkServer, {}) if args.batch_window_ms is None else (
+            BatchingServer, {"window_ms": args.batch_window_ms})
+        server = kind(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
+                             insecure=args.insecure, faults=faults, limits=limits, lora_seed=args.lora_seed,
+                             **batching)
         del model
         server.serve_forever()
     except (ValueError, TypeError, RuntimeError) as e:

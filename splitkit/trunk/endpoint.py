@@ -7,6 +7,7 @@ and opens it in its serving thread; start() waits here until the socket is bound
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 
 import zmq
@@ -84,6 +85,17 @@ class Endpoint:
         split_at = 2 if len(frames) > 1 and len(frames[1]) == 0 else 1
         return [f.bytes for f in frames[:split_at]], frames[split_at:]
 
+    def waiting(self, window_ms: float, most: int = 63) -> list:
+        """The messages that come within `window_ms` (0: those already waiting), at most `most`."""
+        out, deadline = [], time.monotonic() + window_ms / 1000
+        while len(out) < most:
+            message = self.receive(max(0, int(1000 * (deadline - time.monotonic()))))
+            if message is not None:
+                out.append(message)
+            elif time.monotonic() >= deadline:
+                break
+        return out
+
     def _read_monitor(self):
         """Count the connections whose handshake failed before any key was checked (a client without a key): the
         authenticator never hears of them, and which side notices the mismatch first is a race, so they are
@@ -129,3 +141,16 @@ def rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+def in_a_thread_of_its_own(work):
+    """work() in a thread that ends with the request, for a server started by start(): it shares its process
+    with a notebook's kernel or a test. libgomp gives each thread that runs torch a team of OpenMP threads, and while
+    all teams together hold more threads than there are cores, every team waits for work by sleeping instead of
+    spinning: the kernel's own computing ran 1.2-1.3x slower beside a server thread that had served once. A team ends
+    with its thread, so between requests the kernel's team is alone again."""
+    result = []
+    worker = threading.Thread(target=lambda: result.append(work()), name="trunk-request")
+    worker.start()
+    worker.join()
+    return result[0] if result else None  # None: work() raised (handle never does; a batch may, and is redone)

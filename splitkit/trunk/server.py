@@ -22,7 +22,7 @@ from ..wire import protocol as P
 from ..wire.client import PROBE_TIMEOUT
 from ..wire.protocol import Refused
 from ..wire.remote import class_server
-from .endpoint import Endpoint, rss_bytes
+from .endpoint import Endpoint, in_a_thread_of_its_own, rss_bytes
 from .faults import Faults
 from .sessions import Limits, Session, Sessions, State
 
@@ -37,9 +37,7 @@ class TrunkServer:
 
     def __init__(self, model, cuts, bind: str = DEFAULT_BIND, device: str = "cpu", limits: Limits | None = None,
                  faults: Faults | None = None, curve_dir=None, insecure: bool = False,
-                 lora_seed: int | None = None):
-        """`lora_seed` fixes the start of every full+trunk session's Trunk LoRA (to repeat a run); by default each
-        session's is drawn from the operating system's entropy, a secret of the server's, never the client's."""
+                 lora_seed: int | None = None):  # the Trunk LoRA's start, fixed (None: a secret one per session)
         self.endpoint = Endpoint(bind, curve_dir, insecure)  # the address checked now, bound when serving starts
         self.name, self.hidden_size = model.config.name_or_path, model.config.hidden_size
         self.cuts = check_cuts(cuts, model.config.num_hidden_layers)
@@ -79,13 +77,19 @@ class TrunkServer:
                 if message is not None:
                     if self.faults.crashes(self.counters["requests"]):
                         break
-                    self._serve_one(endpoint, *message)
+                    self.serve(endpoint, *message)
                 self.sessions.sweep()
 
-    def _serve_one(self, endpoint: Endpoint, envelope: list, body: list):
+    def serve(self, endpoint: Endpoint, envelope: list, body: list):
+        """Answer one request (splitkit.trunk.batching.BatchingServer serves the ones waiting with it too)."""
         self.counters["requests"] += 1
         self.counters["bytes_in"] += wire.nbytes(body)
-        reply = self.handle(body) if self._thread is None else _in_a_thread_of_its_own(self.handle, body)
+        self.send(endpoint, envelope, self.compute(lambda: self.handle(body)))
+
+    def compute(self, work):  # in a thread of its own when this server shares its process (in_a_thread_of_its_own)
+        return work() if self._thread is None else in_a_thread_of_its_own(work)
+
+    def send(self, endpoint: Endpoint, envelope: list, reply: list):
         if self.faults.lost(self._random):  # a simulated lost reply (a late one was held back in there)
             self.counters["dropped"] += 1
             return
@@ -119,7 +123,9 @@ class TrunkServer:
         sid, rid = P.session_id(header), P.request_id(header)
         session = self.sessions.get(sid)
         if session is None and op == P.HELLO:
-            session = self._open(sid, header, tensors)
+            P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
+            session = self.sessions.open(sid, *P.session_options(header), header.get("names"), tensors)
+            log.info("session %s… opened (%s), %d open", sid[:8], session.mode, len(self.sessions))
         elif session is None:
             raise Refused(f"no session {sid[:8]}… here (the server restarted or dropped it): say hello again",
                           P.UNKNOWN_SESSION)
@@ -131,12 +137,6 @@ class TrunkServer:
         session.answered(rid, reply)
         self.answered[op] += 1
         return reply
-
-    def _open(self, sid: str, header: dict, tensors: list) -> Session:
-        P.check_fit(header, self.name, self.cuts, self.hidden_size, self.fingerprint)
-        session = self.sessions.open(sid, *P.session_options(header), header.get("names"), tensors)
-        log.info("session %s… opened (%s), %d open", sid[:8], session.mode, len(self.sessions))
-        return session
 
     # ------------------------------------------------------------------ the ops
 
@@ -231,19 +231,6 @@ class TrunkServer:
         return {**self.identity, **self.sessions.totals(), "rss_bytes": rss_bytes(),
                 "uptime_s": round(now - self._started, 1), **self.counters, "answered": dict(self.answered),
                 "refused": dict(self.refused), **self.endpoint.key_counts(), **self.sessions.lines(now)}
-
-
-def _in_a_thread_of_its_own(handle, body: list) -> list:
-    """handle(body) in a thread that ends with the request, for a server started by start(): it shares its process
-    with a notebook's kernel or a test. libgomp gives each thread that runs torch a team of OpenMP threads, and while
-    all teams together hold more threads than there are cores, every team waits for work by sleeping instead of
-    spinning: the kernel's own computing ran 1.2-1.3x slower beside a server thread that had served once. A team ends
-    with its thread, so between requests the kernel's team is alone again."""
-    reply = []
-    worker = threading.Thread(target=lambda: reply.append(handle(body)), name="trunk-request")
-    worker.start()
-    worker.join()
-    return reply[0]
 
 
 def _came_in(header: dict) -> str:

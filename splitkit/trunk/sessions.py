@@ -128,9 +128,28 @@ class Sessions:
         self._bound_generations(session)
         return h2
 
+    def touch(self, session: Session, gen: int, generation: Generation):
+        """Keep `generation` as the session's most recently used one, within the limits (after a batched step)."""
+        generation.seen = time.monotonic()
+        session.generations.pop(gen, None)
+        session.generations[gen] = generation
+        self._bound_generations(session)
+
+    @property
+    def trunk_device(self) -> torch.device:
+        return next(self.trunk.parameters()).device
+
+    def base_trunk(self):
+        """The Trunk with no session's adapter: what `full` and `detach` sessions run."""
+        return self.trunk if self.peft is None else _without_adapters(self.peft, self.trunk)
+
     def release(self, session: Session, gen: int) -> bool:
         """Drop a generation's KV cache; say whether there was one."""
         return session.generations.pop(gen, None) is not None
+
+    def generating(self) -> int:
+        """Sessions with a generation under way (a KV cache kept)."""
+        return sum(1 for s in self.table.values() if s.generations)
 
     def generations(self) -> int:
         return sum(len(s.generations) for s in self.table.values())
@@ -168,9 +187,7 @@ class Sessions:
         if session.mode == FULL_TRUNK:
             self.activate(session)
             return self.peft
-        if self.peft is None:
-            return self.trunk
-        return _without_adapters(self.peft, self.trunk)
+        return self.base_trunk()
 
     def activate(self, session: Session):
         """Make the session's adapter the trainable one (PEFT freezes the others), before its forward or backward."""
