@@ -118,8 +118,8 @@ def main(argv=None):
                     rows.append([name, f"{args.window:g} ms" if batching else "off", n, unit, f"{serial:.1f}",
                                  f"{together:.1f}", f"{together / serial:.2f}×"])
                     print(rows[-1], flush=True)
-    where = ("the server pinned to core 0 with one thread, the students to the other cores" if args.pin
-             else "server and students sharing every core")
+    where = ("the server pinned to core 0 with one thread (the line above is this process's), the students to the "
+             "other cores" if args.pin else "server and students sharing every core")
     notes = f"""
 {args.model}, cuts {tuple(args.cuts)}, Trunk on {args.server_device}; `trunk_server.py` in its own process on loopback
 (its OpenMP threads passive, as it sets them); {where}. The students are replay clients (random tensors of the
@@ -128,7 +128,7 @@ process. Generation: a prompt of {args.prompt} tokens, then {args.new} one-token
 {args.steps} `full` steps of 1 × {args.tokens} tokens (forward kept, then backward) per student. Batching
 (`--batch-window-ms {args.window:g}`) joins one-token generation steps only, and waits for more only while other
 sessions generate, until each has sent; training requests are served one at a time either way. One run of each
-(no repeats): on these 2 shared cores a figure moves by about a tenth from run to run.
+(no repeats): a figure moves by about a tenth from run to run.
 """
     write_table("capacity-pinned" if args.pin else "capacity",
                 "One trunk server for a class, the server alone: throughput by class size",

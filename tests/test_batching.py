@@ -11,6 +11,7 @@ from splitkit.core.split import split_model
 from splitkit.training.generation import generate_ids
 from splitkit.training.testing import rel_diff
 from splitkit.trunk.batching import BatchingServer, serve_waiting
+from splitkit.trunk.state import Limits
 from splitkit.wire import codec, encode
 from splitkit.wire import protocol as P
 
@@ -102,10 +103,10 @@ class Recording:
         self.sent[envelope[0]] = frames
 
 
-def opened(model, sessions) -> tuple[TrunkServer, list]:
+def opened(model, sessions, **options) -> tuple[TrunkServer, list]:
     """A server (not serving: its handle() is called directly) with a generation begun in each session; the next
     one-token step of each, (header, h1)."""
-    server = BatchingServer(model, CUTS, bind="tcp://127.0.0.1:*")
+    server = BatchingServer(model, CUTS, bind="tcp://127.0.0.1:*", **options)
     bottom, d = split_model(model, CUTS).bottom, model.config.hidden_size
     steps = []
     for i, sid in enumerate(sessions):
@@ -144,3 +145,14 @@ def test_a_bad_request_in_a_batch_gets_its_error_and_the_others_their_answers(ll
     h, x = steps[0]
     assert codec.decode(batched.handle(encode(h, [x])))[1][0].equal(got[sessions[0]][1][0])
     assert batched.sessions.get(sessions[0]).generations[0].length == h["start"] + 1
+
+
+def test_a_batch_joins_no_more_than_the_token_limit_and_the_rest_is_served_alone(llama):
+    sessions = [f"{i:032x}" for i in range(4)]  # prompts of 3, 5, 7 and 9 positions
+    server, steps = opened(llama, sessions, limits=Limits(max_tokens=25))
+    endpoint = Recording()
+    serve_waiting(server, endpoint, [([h["session"].encode()], encode(h, [x])) for h, x in steps])
+    # joined, the first three hold 3 rows x (7 + 1) positions = 24 <= 25; with the fourth, 4 x 10 = 40: alone
+    assert server.counters["batches"] == 1 and server.counters["batched"] == 3
+    assert all(codec.decode(endpoint.sent[sid.encode()])[0]["ok"] for sid in sessions)
+    assert [server.sessions.get(sid).generations[0].length for sid in sessions] == [h["start"] + 1 for h, _ in steps]

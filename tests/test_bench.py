@@ -60,7 +60,8 @@ def test_generation_bench_compares_four_ways_that_make_the_same_tokens(tmp_path)
     assert [r[3] for r in rows] == ["plain unsplit, cached", "unsplit with LoRA layers, cached", "split, cached",
                                     "split, uncached"]
     assert [r[0] for r in rows] == ["bare"] * 4 and all(float(r[4]) > 0 for r in rows)  # tiny-llama: no chat template
-    assert rows[0][6] == "1.00×" and rows[2][6].endswith(("✓", "✗"))  # each way against the plain model
+    assert rows[0][7] == "1.00×" and rows[2][7].endswith(("✓", "✗"))  # each way against the plain model
+    assert rows[0][6] == "+0.0" and float(rows[3][6]) > 0  # ms a step over the plain model: the uncached pays
     assert "bare B = 2: yes" in text  # each way made the plain unsplit model's tokens
 
 

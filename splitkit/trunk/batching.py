@@ -84,17 +84,18 @@ def infer_together(sessions, steps: list[Step]) -> list[torch.Tensor]:
     mask, positions = left_padding(pads, longest, longest + 1, sessions.trunk_device)  # (ΣB, longest+1), (ΣB, 1)
     h1 = torch.cat([s.h1.to(sessions.trunk_device, torch.float32) for s in steps])  # (ΣB, 1, d)
     h2 = sessions.base_trunk()(h1, attention_mask=mask, position_ids=positions, past_key_values=cache)
-    out, row = [], 0
-    for s, g in zip(steps, generations, strict=True):
+    split, row = [], 0  # every generation's new keys and values first, then all of them kept: all or none
+    for g in generations:
         rows, cut = slice(row, row + len(g.pad)), longest - g.length  # its rows, and the padding it got for the call
-        for index in filled:
-            joined, own = cache.layers[index], g.cache.layers[index]
-            own.keys, own.values = joined.keys[rows, :, cut:].clone(), joined.values[rows, :, cut:].clone()
+        split.append((rows, {index: (cache.layers[index].keys[rows, :, cut:].clone(),
+                                     cache.layers[index].values[rows, :, cut:].clone()) for index in filled}))
+        row += len(g.pad)
+    for s, g, (_, own) in zip(steps, generations, split, strict=True):
+        for index, (keys, values) in own.items():
+            g.cache.layers[index].keys, g.cache.layers[index].values = keys, values
         g.length += 1
         sessions.touch(s.session, s.gen, g)
-        out.append(h2[rows])
-        row += len(g.pad)
-    return out
+    return [h2[rows] for rows, _ in split]
 
 
 def _batch(sessions, steps: list[Step]) -> list | None:
@@ -138,14 +139,17 @@ class BatchingServer(TrunkServer):
 def serve_waiting(server, endpoint, messages: list):
     """Serve the messages that waited together: the one-token steps that can join, as one batch (one per session:
     a session's requests follow each other), then every other one alone, in the order they came."""
-    steps, alone, sessions = [], [], set()
+    steps, alone, sessions, rows, longest = [], [], set(), 0, 0
+    limit = min(server.limits.max_tokens, server.limits.cached_tokens)
     for envelope, body in messages:
         step = joinable(server, envelope, body)
-        if step is None or step.session.id in sessions:
+        joined = step and (rows + step.h1.shape[0]) * (max(longest, step.start) + 1)  # the joined cache's tokens
+        if step is None or step.session.id in sessions or joined > limit:
             alone.append((envelope, body))
         else:
             steps.append(step)
             sessions.add(step.session.id)
+            rows, longest = rows + step.h1.shape[0], max(longest, step.start)
     h2s = server.compute(lambda: _batch(server.sessions, steps)) if len(steps) > 1 else None
     if h2s is None:  # one step, or a batch that failed before any cache changed: each is served alone
         alone = [(s.envelope, s.body) for s in steps] + alone

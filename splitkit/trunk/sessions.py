@@ -130,7 +130,7 @@ class Sessions:
 
     def touch(self, session: Session, gen: int, generation: Generation):
         """Keep `generation` as the session's most recently used one, within the limits (after a batched step)."""
-        generation.seen = time.monotonic()
+        session.seen = generation.seen = time.monotonic()
         session.generations.pop(gen, None)
         session.generations[gen] = generation
         self._bound_generations(session)
@@ -147,9 +147,11 @@ class Sessions:
         """Drop a generation's KV cache; say whether there was one."""
         return session.generations.pop(gen, None) is not None
 
-    def generating(self) -> int:
-        """Sessions with a generation under way (a KV cache kept)."""
-        return sum(1 for s in self.table.values() if s.generations)
+    def generating(self, within_s: float = 1.0) -> int:
+        """Sessions that can join a batch (not full+trunk) with a generation that took a step within `within_s`."""
+        now = time.monotonic()
+        return sum(1 for s in self.table.values() if s.mode != FULL_TRUNK
+                   and any(now - g.seen < within_s for g in s.generations.values()))
 
     def generations(self) -> int:
         return sum(len(s.generations) for s in self.table.values())
