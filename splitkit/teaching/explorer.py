@@ -31,7 +31,8 @@ def explore(model, cuts, batch_size: int = 2, seq_len: int = 16, lora: LoraSpec 
     client's LoRA gradients of the `full` step are compared with the unsplit model's: `grad_rel_diff`
     is the largest relative difference, or None when the client has no LoRA (cuts (0, n)).
     """
-    lora = lora or LoraSpec(init_b=0.02)
+    lora = lora or LoraSpec(init_b=0.02, seed=0)  # fixed, as the server's below: the bytes repeat to the byte (a
+    # full+trunk step reply's header holds the Trunk LoRA's change norms, whose digits follow the start)
     n = model.config.num_hidden_layers
     a, b = check_cuts(cuts, n)
     bottom, trunk, top = split_model(model, (a, b))
@@ -64,7 +65,7 @@ def measure_steps(model, cuts, lora: LoraSpec, batch_size: int, seq_len: int, gr
     batch = random_batch(model.config.vocab_size, batch_size, seq_len, seed=0)
     hidden = [batch_size, seq_len, model.config.hidden_size]  # the shape of h1, h2, dL/dh2, dL/dh1
     out = {"bytes": {}, "tensors": {}, "trainable": {}}
-    server = TrunkServer(model, cuts, bind="tcp://127.0.0.1:*")
+    server = TrunkServer(model, cuts, bind="tcp://127.0.0.1:*", lora_seed=0)
     try:
         address = server.start()
         for mode in SERVER_MODES:

@@ -41,6 +41,7 @@ class LabSettings:
     steps: int = 20
     wire_dtype: str = "float32"
     held_out: int = 4  # facts kept aside: their answers are made up, so a right answer there is a guess
+    seed: int | None = 0  # the LoRA's start, the same for every mode and every run (None: a secret one per run)
 
 
 @dataclass
@@ -72,8 +73,9 @@ def run_lab(model, tokenizer, settings: LabSettings, on_step=None, stop: threadi
     """Train every mode of `settings` on the kit's task; call on_step(result) after each round of steps."""
     facts = data.facts()
     held, trained = facts[:settings.held_out], facts[settings.held_out:]
-    # one start, a secret one, for every mode
-    lora = LoraSpec(r=settings.r, lora_alpha=2 * settings.r, target_modules=tuple(settings.targets)).resolved()
+    # one start for every mode: the settings' seed (a run repeats, so that two settings compare), or a secret one
+    lora = LoraSpec(r=settings.r, lora_alpha=2 * settings.r, target_modules=tuple(settings.targets),
+                    seed=settings.seed).resolved()
     result = LabResult(settings)
     trunk = class_or_own(model, settings.cuts, say=None)  # the class server if it runs these cuts, else one of our own
     result.trunk, address = trunk.line, trunk.address
