@@ -123,13 +123,12 @@ class Sessions:
         trunk = self._trunk(session)  # the session's adapter made the active one before it is merged
         with torch.no_grad(), generation.merged or contextlib.nullcontext():  # the base weights as they were after
             h2 = trunk(h1, attention_mask=mask, position_ids=positions, past_key_values=generation.cache)
-        generation.length, generation.seen = total, time.monotonic()
-        session.generations[gen] = generation  # the most recently used
-        self._bound_generations(session)
+        generation.length = total
+        self.touch(session, gen, generation)  # the most recently used, within the limits
         return h2
 
     def touch(self, session: Session, gen: int, generation: Generation):
-        """Keep `generation` as the session's most recently used one, within the limits (after a batched step)."""
+        """Keep `generation` as the session's most recently used one, within the limits (after each step)."""
         session.seen = generation.seen = time.monotonic()
         session.generations.pop(gen, None)
         session.generations[gen] = generation
