@@ -18,60 +18,78 @@ import argparse
 import multiprocessing
 import os
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from _common import write_table
-from splitkit import TrunkClient, load_model
+from splitkit import LoraSpec, TrunkClient, load_model
 from splitkit.core.models import SMOLLM2
 from splitkit.training.testing import ServerProcess
 from splitkit.wire import protocol as P
 
 
-def generation(model, address: str, args, seed: int) -> int:
+def connected(model, address: str, args, mode: str) -> TrunkClient:
+    """A student's client with its session open (the handshake is not part of what is timed)."""
+    c = TrunkClient(address, timeout=120)
+    c.hello(model, args.cuts, mode=mode, **({"lora": LoraSpec(r=8, lora_alpha=16), "lr": 1e-3}
+                                            if mode == P.FULL_TRUNK else {}))
+    return c
+
+
+def generation(c: TrunkClient, d: int, args, seed: int) -> int:
     """One student's generation, replayed; the tokens made."""
-    d, g = model.config.hidden_size, torch.Generator().manual_seed(seed)
-    with TrunkClient(address, timeout=120) as c:
-        c.hello(model, args.cuts, mode=P.FULL)
-        gen = c.new_generation()
-        c.infer(torch.randn(1, args.prompt, d, generator=g), gen, 0, pad=[0])
-        for t in range(args.new):
-            c.infer(torch.randn(1, 1, d, generator=g), gen, args.prompt + t)
-        c.release(gen)
+    g = torch.Generator().manual_seed(seed)
+    gen = c.new_generation()
+    c.infer(torch.randn(1, args.prompt, d, generator=g), gen, 0, pad=[0])
+    for t in range(args.new):
+        c.infer(torch.randn(1, 1, d, generator=g), gen, args.prompt + t)
+    c.release(gen)
     return args.new
 
 
-def training(model, address: str, args, seed: int) -> int:
-    """One student's training steps, replayed; the steps made."""
-    d, g = model.config.hidden_size, torch.Generator().manual_seed(seed)
-    with TrunkClient(address, timeout=120) as c:
-        c.hello(model, args.cuts, mode=P.FULL)
-        for _ in range(args.steps):
-            key = c.new_key()
-            c.forward(torch.randn(1, args.tokens, d, generator=g), key=key)
-            c.backward(torch.randn(1, args.tokens, d, generator=g) * 1e-3, key=key)
+def training(c: TrunkClient, d: int, args, seed: int, trunk_lora: bool = False) -> int:
+    """One student's training steps, replayed (in full+trunk with the step of the Trunk LoRA); the steps made."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(args.steps):
+        key = c.new_key()
+        c.forward(torch.randn(1, args.tokens, d, generator=g), key=key)
+        c.backward(torch.randn(1, args.tokens, d, generator=g) * 1e-3, key=key)
+        if trunk_lora:
+            c.step()
     return args.steps
 
 
-def student(work, model, address: str, args, i: int, go, results):
+WORK = {"generation": (generation, P.FULL), "training": (training, P.FULL),
+        "training full+trunk": (partial(training, trunk_lora=True), P.FULL_TRUNK)}
+
+
+def student(name, model, address: str, args, i: int, go, results):
     """A student in a process of its own (as on a machine of its own: no lock shared with the others)."""
     torch.set_num_threads(1)
     if args.pin:
         os.sched_setaffinity(0, args.client_cores)
-    go.wait()
-    results.put(work(model, address, args, i))
+    work, mode = WORK[name]
+    with connected(model, address, args, mode) as c:
+        go.wait()
+        results.put(work(c, model.config.hidden_size, args, i))
 
 
-def rate(work, model, address: str, args, n: int, together: bool) -> float:
+def rate(name, model, address: str, args, n: int, together: bool) -> float:
     """Units of work (tokens or steps) per second for n students, at once or one after another."""
     if not together:
+        work, mode = WORK[name]
+        clients = [connected(model, address, args, mode) for _ in range(n)]
         t0 = time.perf_counter()
-        done = sum(work(model, address, args, i) for i in range(n))
-        return done / (time.perf_counter() - t0)
+        done = sum(work(c, model.config.hidden_size, args, i) for i, c in enumerate(clients))
+        took = time.perf_counter() - t0
+        for c in clients:
+            c.close()
+        return done / took
     fork = multiprocessing.get_context("fork")
     go, results = fork.Barrier(n + 1), fork.Queue()
-    students = [fork.Process(target=student, args=(work, model, address, args, i, go, results)) for i in range(n)]
+    students = [fork.Process(target=student, args=(name, model, address, args, i, go, results)) for i in range(n)]
     for s in students:
         s.start()
     go.wait()
@@ -90,7 +108,8 @@ def main(argv=None):
     p.add_argument("--classes", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--prompt", type=int, default=16)
     p.add_argument("--new", type=int, default=32)
-    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--work", nargs="+", choices=list(WORK), default=list(WORK))
     p.add_argument("--tokens", type=int, default=16)
     p.add_argument("--window", type=float, default=2.0, help="the batching server's --batch-window-ms")
     p.add_argument("--server-device", default="cpu")
@@ -110,11 +129,12 @@ def main(argv=None):
         flags = ["--device", args.server_device, "--max-sessions", str(2 * max(args.classes) + 2)]
         flags += ["--batch-window-ms", str(args.window)] if batching else []
         with ServerProcess(args.model, args.cuts, *flags, prefix=prefix) as server:
-            generation(model, server.address, args, -1)  # warm-up
-            for name, work, unit in (("generation", generation, "tokens / s"), ("training", training, "steps / s")):
+            rate("generation", model, server.address, args, 1, together=False)  # warm-up
+            for name in args.work:
+                unit = "tokens / s" if name == "generation" else "steps / s"
                 for n in args.classes:
-                    serial = rate(work, model, server.address, args, n, together=False)
-                    together = rate(work, model, server.address, args, n, together=True)
+                    serial = rate(name, model, server.address, args, n, together=False)
+                    together = rate(name, model, server.address, args, n, together=True)
                     rows.append([name, f"{args.window:g} ms" if batching else "off", n, unit, f"{serial:.1f}",
                                  f"{together:.1f}", f"{together / serial:.2f}×"])
                     print(rows[-1], flush=True)
@@ -125,10 +145,11 @@ def main(argv=None):
 (its OpenMP threads passive, as it sets them); {where}. The students are replay clients (random tensors of the
 right shapes, no model of their own): "together", each in a process of its own; "serial", one after another in one
 process. Generation: a prompt of {args.prompt} tokens, then {args.new} one-token steps per student; training:
-{args.steps} `full` steps of 1 × {args.tokens} tokens (forward kept, then backward) per student. Batching
-(`--batch-window-ms {args.window:g}`) joins one-token generation steps only, and waits for more only while other
-sessions generate, until each has sent; training requests are served one at a time either way. One run of each
-(no repeats): a figure moves by about a tenth from run to run.
+{args.steps} steps of 1 × {args.tokens} tokens per student (a forward kept for its backward, the backward, and in
+`full+trunk` the step of the student's own Trunk LoRA, r = 8); each student's handshake is made before the clock
+starts. Batching (`--batch-window-ms {args.window:g}`) joins the one-token generation steps, the kept forwards and
+the backwards of different students that wait together, and waits for more only while other sessions are active,
+until each has sent. One run of each (no repeats): a figure moves by about a tenth from run to run.
 """
     write_table("capacity-pinned" if args.pin else "capacity",
                 "One trunk server for a class, the server alone: throughput by class size",

@@ -4,12 +4,13 @@ bad request among them gets its own error while the others are answered. On the 
 
 import threading
 
+import pytest
 import torch
 
 from splitkit import Learner, LoraSpec, TrunkClient, TrunkServer
 from splitkit.core.split import split_model
 from splitkit.training.generation import generate_ids
-from splitkit.training.testing import rel_diff
+from splitkit.training.testing import max_rel_diff, random_batch, rel_diff
 from splitkit.trunk.batching import BatchingServer, serve_waiting
 from splitkit.trunk.state import Limits
 from splitkit.wire import codec, encode
@@ -156,3 +157,119 @@ def test_a_batch_joins_no_more_than_the_token_limit_and_the_rest_is_served_alone
     assert server.counters["batches"] == 1 and server.counters["batched"] == 3
     assert all(codec.decode(endpoint.sent[sid.encode()])[0]["ok"] for sid in sessions)
     assert [server.sessions.get(sid).generations[0].length for sid in sessions] == [h["start"] + 1 for h, _ in steps]
+
+
+# ---------------------------------------------------------------- training: forwards and backwards of many sessions
+
+SPEC = LoraSpec(r=4, lora_alpha=8, init_b=0.02, seed=0)
+
+
+def training_sessions(model, server, modes: list[str], starts: dict | None = None) -> dict:
+    """Sessions opened on `server` (its handle() called directly), one per mode; each full+trunk one's Trunk LoRA
+    set to `starts[sid]` if given, else drawn by the server. {sid: mode}."""
+    opened = {}
+    for i, mode in enumerate(modes):
+        sid = f"{i:032x}"
+        hello = {"op": P.HELLO, "session": sid, "id": 0, "model": "tiny-llama", "cuts": list(CUTS),
+                 "hidden_size": model.config.hidden_size, "fingerprint": server.fingerprint, "mode": mode}
+        if mode == P.FULL_TRUNK:
+            hello.update(lora=SPEC.to_json(), lr=1e-2)
+        assert codec.decode(server.handle(encode(hello)))[0]["ok"]
+        if starts is not None and sid in starts:
+            server.sessions.load(server.sessions.get(sid), *starts[sid])
+        opened[sid] = mode
+    return opened
+
+
+def requests(model, sessions: dict, op: str, rid: int) -> list:
+    """Each session's forward (kept, key 7) or backward of it: rows and lengths of its own, the last one padded."""
+    out = []
+    for i, sid in enumerate(sessions):
+        rows, length = 1 + i % 2, 3 + 2 * i
+        g = torch.Generator().manual_seed(10 * i + (op == P.BACKWARD))
+        x = torch.randn(rows, length, model.config.hidden_size, generator=g)
+        header = {"op": op, "session": sid, "id": rid, "key": 7}
+        if op == P.FORWARD and i == len(sessions) - 1:
+            header["pad"] = [0, 2][:rows]
+        out.append((header, x))
+    return out
+
+
+def test_forwards_and_backwards_of_a_class_run_together_give_each_student_what_they_get_alone(llama):
+    modes = [P.FULL, P.FULL_TRUNK, P.FULL, P.FULL_TRUNK, P.FULL_TRUNK]
+    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    sessions = training_sessions(llama, batched, modes)  # each full+trunk Trunk LoRA from a secret seed of its own
+    starts = {sid: batched.sessions.lora_state(batched.sessions.get(sid)) for sid, m in sessions.items()
+              if m == P.FULL_TRUNK}
+    alone = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    training_sessions(llama, alone, modes, starts)
+    endpoint = Recording()
+    for op, rid in ((P.FORWARD, 1), (P.BACKWARD, 2)):
+        sent = requests(llama, sessions, op, rid)
+        want = {h["session"]: codec.decode(alone.handle(encode(h, [x]))) for h, x in sent}
+        if op == P.BACKWARD:  # the first backward comes alone: the others' come together later
+            h, x = sent.pop(0)
+            endpoint.sent[h["session"].encode()] = batched.handle(encode(h, [x]))
+        serve_waiting(batched, endpoint, [([h["session"].encode()], encode(h, [x])) for h, x in sent])
+        for sid in sessions:
+            (reply, got), (reply_alone, expected) = codec.decode(endpoint.sent[sid.encode()]), want[sid]
+            assert reply["ok"] and reply_alone["ok"] and got[0].shape == expected[0].shape
+            assert rel_diff(got[0], expected[0]) <= TOLERANCE, (op, sid, rel_diff(got[0], expected[0]))
+    assert batched.counters["batches"] == 2 and batched.counters["batched"] == 2 * len(modes) - 1
+    for sid, mode in sessions.items():
+        assert not batched.sessions.get(sid).states  # each state served its one backward
+        if mode == P.FULL_TRUNK:  # each student's Trunk LoRA gradient is their own
+            got, want = batched.sessions.lora_grads(sid), alone.sessions.lora_grads(sid)
+            assert got.keys() == want.keys() and all(g is not None for g in got.values())
+            assert max(rel_diff(got[n], want[n]) for n in want) <= TOLERANCE
+            others = [s for s, m in sessions.items() if m == P.FULL_TRUNK and s != sid]
+            assert max(rel_diff(got[n], batched.sessions.lora_grads(others[0])[n]) for n in want) > 0.1
+
+
+def test_a_bad_forward_in_a_batch_gets_its_error_and_the_others_their_states(llama):
+    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    sessions = training_sessions(llama, batched, [P.FULL, P.FULL_TRUNK, P.FULL])
+    sent = requests(llama, sessions, P.FORWARD, 1)
+    sent[1] = (sent[1][0], torch.full_like(sent[1][1], float("inf")))  # student 1 sends inf
+    endpoint = Recording()
+    serve_waiting(batched, endpoint, [([h["session"].encode()], encode(h, [x])) for h, x in sent])
+    replies = {sid: codec.decode(endpoint.sent[sid.encode()])[0] for sid in sessions}
+    assert batched.counters["batches"] == 1 and batched.counters["batched"] == 2
+    for i, sid in enumerate(sessions):
+        if i == 1:
+            assert not replies[sid]["ok"] and replies[sid]["code"] == P.BAD_REQUEST
+            assert not batched.sessions.get(sid).states
+        else:
+            assert replies[sid]["ok"] and 7 in batched.sessions.get(sid).states
+
+
+def test_a_class_training_together_over_sockets_ends_where_each_student_ends_alone(llama, serve):
+    """Four students train 3 steps each at once (full and full+trunk) through a batching server; each one's
+    losses and LoRA (client's and Trunk's) match the same student trained alone, within float rounding."""
+    modes, steps = [P.FULL, P.FULL_TRUNK, P.FULL, P.FULL_TRUNK], 3
+    spec = LoraSpec(r=4, lora_alpha=8, init_b=0.02, seed=1)
+    batches = [random_batch(llama.config.vocab_size, batch=1 + i % 2, seq=6 + i, seed=i) for i in range(len(modes))]
+
+    def student(address, i, barrier=None) -> tuple[list, dict]:
+        with Learner(llama, mode=modes[i], cuts=CUTS, address=address, lora=spec, lr=1e-2) as learner:
+            losses = []
+            for _ in range(steps):
+                if barrier is not None:
+                    barrier.wait()  # every student's step sent at about the same time: they wait together
+                losses.append(learner.step(batches[i]))
+            return losses, learner.lora_state()
+
+    alone = [student(serve(llama, CUTS, lora_seed=5), i) for i in range(len(modes))]
+    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*", window_ms=50, lora_seed=5)
+    address, together, barrier = batched.start(), [None] * len(modes), threading.Barrier(len(modes))
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, student(address, i, barrier)))
+               for i in range(len(modes))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    batched.stop()
+    assert batched.counters["batches"] >= steps and batched.counters["batched"] >= 2 * batched.counters["batches"]
+    for (losses, lora), (losses_alone, lora_alone) in zip(together, alone, strict=True):
+        assert losses == pytest.approx(losses_alone, rel=1e-5)
+        assert lora.keys() == lora_alone.keys() and max_rel_diff(lora, lora_alone) <= 1e-4

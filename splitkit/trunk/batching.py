@@ -1,23 +1,30 @@
-"""One-token generation steps of different sessions, run through the Trunk as one batch.
+"""Requests of different sessions that wait together, run through the Trunk as one batch.
 
-When several students generate at once, their one-token `infer` requests wait in the server's socket while it
-serves another. Served one at a time, each pays the Trunk's cost per call (every block's weights read from memory
-for a single row, and the per-call work around it); gathered, the rows of all of them go through the Trunk in one
-call. Each generation keeps its own KV cache: for the call the caches are left-padded to the longest and joined,
-the padding masked out and every row at its own position, as generate() pads a batch of prompts; afterwards they
-are split again. A row's h2 equals its h2 served alone within float rounding (its attention runs over a longer,
-masked row, and the matrix products over more rows), not bit for bit; greedy tokens come out the same
-(tests/test_batching.py).
+When several students work at once, their requests wait in the server's socket while it serves another. Served one
+at a time, each pays the Trunk's cost per call (every block's weights read from memory for a few rows, and the
+per-call work around it); gathered, the rows of all of them go through the Trunk in one call. Three kinds join:
 
-Only what can join safely joins: a new (not retried) `infer` of one position, `start` > 0, of a `full` or `detach`
-session whose generation holds exactly `start` positions of the same rows, on a model whose cache layers are plain
-(no sliding window). Everything else is served alone, as without batching, and so is any request of a batch that
-fails: each then gets its own answer or its own error.
+- one-token generation steps (`infer`, `start` > 0, `full` or `detach`): each generation keeps its own KV cache;
+  for the call the caches are left-padded to the longest and joined, the padding masked out and every row at its
+  own position, as generate() pads a batch of prompts; afterwards they are split again;
+- forwards kept for a backward (`full` and `full+trunk`): the shorter ones left-padded to the longest, one graph
+  over all rows; each full+trunk session's rows go through its own LoRA adapter (PEFT's mixed-adapter batch), so
+  that its adapter's gradient comes from its rows alone;
+- the backwards of one such joined forward: one backward with each one's dL/dh2 in its rows. A backward that comes
+  alone goes back through the joined graph by itself (the graph is kept until every part is used or dropped).
+
+A student's h2, dL/dh1 and Trunk LoRA gradient equal what they get served alone within float rounding (attention
+runs over longer, masked rows, and the matrix products over more rows), not bit for bit; greedy tokens and training
+runs come out the same within it (tests/test_batching.py). Everything else is served alone, as without batching
+(retries, requests that the usual path would refuse, a batch over the token limits, cache layers that are not
+plain), and so is every request of a batch that fails: each then gets its own answer or its own error.
 """
 
 import copy
 import logging
+import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from transformers.cache_utils import DynamicLayer
@@ -26,7 +33,8 @@ from ..core.split import left_padding
 from ..wire import codec as wire
 from ..wire import protocol as P
 from ..wire.protocol import FULL_TRUNK, Refused
-from .server import TrunkServer
+from .server import TrunkServer, _came_in
+from .state import State
 
 log = logging.getLogger("splitkit.trunk.server")
 
@@ -43,27 +51,70 @@ class Step:
     h1: torch.Tensor  # (B, 1, d)
 
 
-def joinable(server, envelope: list, body: list) -> Step | None:
-    """The request as a Step if it can join a batch of one-token steps; None if it is to be served alone."""
+@dataclass
+class Forward:
+    """A forward kept for its backward (`full` or `full+trunk`) that may join others."""
+
+    envelope: list
+    body: list
+    header: dict
+    session: object
+    key: int
+    h1: torch.Tensor  # (B, T, d)
+    pad: list  # (B,) each row's left padding
+
+
+@dataclass
+class Backward:
+    """A backward of a forward that was run joined with others."""
+
+    envelope: list
+    body: list
+    header: dict
+    session: object
+    key: int
+    state: State
+    g2: torch.Tensor  # (B, T, d)
+
+
+def joinable(server, envelope: list, body: list):
+    """The request as a Step, Forward or Backward if it can join a batch; None if it is to be served alone."""
     try:
         header, tensors = wire.decode(body)
-        if header.get("op") != P.INFER:
+        op, session = header.get("op"), server.sessions.get(P.session_id(header))
+        if op not in (P.INFER, P.FORWARD, P.BACKWARD) or session is None or session.replay(P.request_id(header)):
             return None
-        session = server.sessions.get(P.session_id(header))
-        if session is None or session.mode == FULL_TRUNK or session.replay(P.request_id(header)) is not None:
+        if op == P.INFER:
+            return _step(server, envelope, body, header, session, tensors)
+        if session.mode not in (P.FULL, FULL_TRUNK) or (session.mode == FULL_TRUNK and server.sessions.peft.training):
+            return None  # PEFT mixes adapters in a batch only in eval mode
+        key = P.state_key(header)
+        if op == P.FORWARD:
+            (h1,) = server._hidden(tensors, (1,))
+            pad = P.padding(header, *h1.shape[:2])
+            return Forward(envelope, body, header, session, key, h1, pad or [0] * h1.shape[0])
+        state = session.states.get(key)
+        g2 = server._hidden(tensors, (1, 2))[0]
+        if state is None or state.part is None or g2.shape != state.out.shape:
             return None
-        (h1,) = server._hidden(tensors, (1,))
-        gen, start = P.generation(header), P.start(header)
-        P.padding(header, h1.shape[0], start + 1)  # checked as alone; after the start, the generation's own counts
-        generation = session.generations.get(gen)
-        if (h1.shape[1] != 1 or start == 0 or generation is None or generation.length != start
-                or len(generation.pad) != h1.shape[0]
-                or (start + 1) * h1.shape[0] > min(server.limits.max_tokens, server.limits.cached_tokens)
-                or not all(isinstance(layer, DynamicLayer) and type(layer) is DynamicLayer
-                           for layer in generation.cache.layers)):
-            return None
+        return Backward(envelope, body, header, session, key, state, g2)
     except (wire.WireError, Refused):
         return None  # served alone: the usual path says what is wrong with it
+
+
+def _step(server, envelope, body, header, session, tensors) -> Step | None:
+    if session.mode == FULL_TRUNK:
+        return None
+    (h1,) = server._hidden(tensors, (1,))
+    gen, start = P.generation(header), P.start(header)
+    P.padding(header, h1.shape[0], start + 1)  # checked as alone; after the start, the generation's own counts
+    generation = session.generations.get(gen)
+    if (h1.shape[1] != 1 or start == 0 or generation is None or generation.length != start
+            or len(generation.pad) != h1.shape[0]
+            or (start + 1) * h1.shape[0] > min(server.limits.max_tokens, server.limits.cached_tokens)
+            or not all(isinstance(layer, DynamicLayer) and type(layer) is DynamicLayer
+                       for layer in generation.cache.layers)):
+        return None
     return Step(envelope, body, header, session, gen, start, h1)
 
 
@@ -98,12 +149,32 @@ def infer_together(sessions, steps: list[Step]) -> list[torch.Tensor]:
     return [h2[rows] for rows, _ in split]
 
 
-def _batch(sessions, steps: list[Step]) -> list | None:
-    """infer_together, or None (logged) if it failed: a failed batch changes no cache, and each is served alone."""
+def forward_together(sessions, forwards: list[Forward]) -> list[State]:
+    """The forward state of each, from one call of the Trunk over all their rows with the graph kept: shorter ones
+    left-padded to the longest (the padding masked out, every row at its own positions), each full+trunk session's
+    rows through its own adapter."""
+    longest = max(f.h1.shape[1] for f in forwards)
+    h1 = torch.cat([torch.nn.functional.pad(f.h1.to(sessions.trunk_device, torch.float32),
+                                            (0, 0, longest - f.h1.shape[1], 0)) for f in forwards])
+    h1.requires_grad_(True)  # a leaf: (ΣB, longest, d)
+    pads = [p + longest - f.h1.shape[1] for f in forwards for p in f.pad]
+    adapters = [f.session.adapter if f.session.mode == FULL_TRUNK else None for f in forwards for _ in f.pad]
+    with torch.enable_grad():
+        h2 = sessions.run_together(h1, pads, adapters)
+    states, row = [], 0
+    for f in forwards:
+        rows, length = f.h1.shape[:2]
+        states.append(State(h1, h2, part=(slice(row, row + rows), slice(longest - length, longest))))
+        row += rows
+    return states
+
+
+def _together(what: str, work, items: list):
+    """work(), or None (logged) if it failed: a failed batch changes nothing, and each is served alone."""
     try:
-        return infer_together(sessions, steps)
+        return work()
     except Exception:
-        log.exception("a batch of %d generation steps failed; serving each alone", len(steps))
+        log.exception("a batch of %d %s failed; serving each alone", len(items), what)
         return None
 
 
@@ -121,9 +192,10 @@ def _left_padded(layer, extra: int):
 
 
 class BatchingServer(TrunkServer):
-    """A TrunkServer that runs the one-token generation steps of different sessions that wait together as one
-    batch. After a request it waits up to `window_ms` for more, only while other sessions generate and only until
-    each of them has sent; `trunk_server.py --batch-window-ms MS` runs one."""
+    """A TrunkServer that runs requests of different sessions that wait together as one batch: one-token generation
+    steps, forwards kept for a backward, and the backwards of a forward run together. After a request it waits up to
+    `window_ms` for more, only while other sessions are active and only until each of them has sent;
+    `trunk_server.py --batch-window-ms MS` runs one."""
 
     def __init__(self, *args, window_ms: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
@@ -131,37 +203,71 @@ class BatchingServer(TrunkServer):
         self.counters.update(batches=0, batched=0)
 
     def serve(self, endpoint, envelope: list, body: list):
-        others = self.sessions.generating() - 1
+        others = self.sessions.active() - 1
         more = endpoint.waiting(self.window_ms if others > 0 else 0, most=max(others, 0))
         serve_waiting(self, endpoint, [(envelope, body), *more])
 
 
 def serve_waiting(server, endpoint, messages: list):
-    """Serve the messages that waited together: the one-token steps that can join, as one batch (one per session:
-    a session's requests follow each other), then every other one alone, in the order they came."""
-    steps, alone, sessions, rows, longest = [], [], set(), 0, 0
-    limit = min(server.limits.max_tokens, server.limits.cached_tokens)
+    """Serve the messages that waited together, one per session (a session's requests follow each other): the
+    one-token steps that can join, as one batch; the forwards, as one; the backwards of each joined forward, as one;
+    then every other one alone, in the order they came."""
+    steps, forwards, backwards, alone, sessions = [], [], {}, [], set()
     for envelope, body in messages:
-        step = joinable(server, envelope, body)
-        joined = step and (rows + step.h1.shape[0]) * (max(longest, step.start) + 1)  # the joined cache's tokens
-        if step is None or step.session.id in sessions or joined > limit:
+        item = joinable(server, envelope, body)
+        if item is None or item.session.id in sessions or not _fits(server.limits, item, steps, forwards):
             alone.append((envelope, body))
+            continue
+        sessions.add(item.session.id)
+        if isinstance(item, Step):
+            steps.append(item)
+        elif isinstance(item, Forward):
+            forwards.append(item)
         else:
-            steps.append(step)
-            sessions.add(step.session.id)
-            rows, longest = rows + step.h1.shape[0], max(longest, step.start)
-    h2s = server.compute(lambda: _batch(server.sessions, steps)) if len(steps) > 1 else None
-    if h2s is None:  # one step, or a batch that failed before any cache changed: each is served alone
-        alone = [(s.envelope, s.body) for s in steps] + alone
-    else:
-        server.counters["batched"] += len(steps)
+            backwards.setdefault(id(item.state.h2), []).append(item)  # grouped by the forward they belong to
+    batches = [(steps, lambda: infer_together(server.sessions, steps), "generation steps"),
+               (forwards, lambda: forward_together(server.sessions, forwards), "forwards")]
+    batches += [(group, lambda group=group: server.sessions.backward([(b.session, b.state, b.g2) for b in group]),
+                 "backwards") for group in backwards.values()]
+    for items, work, what in batches:
+        results = server.compute(partial(_together, what, work, items)) if len(items) > 1 else None
+        if results is None:  # one, or a batch that failed before anything changed: each is served alone
+            alone = [(i.envelope, i.body) for i in items] + alone
+            continue
+        server.counters["batched"] += len(items)
         server.counters["batches"] += 1
-        for s, h2 in zip(steps, h2s, strict=True):
-            server.counters["requests"] += 1
-            server.counters["bytes_in"] += wire.nbytes(s.body)
-            reply = wire.encode(P.ok(s.header), [h2], dtype=s.header["tensors"][0]["dtype"])  # as h1 came
-            s.session.answered(P.request_id(s.header), reply)
-            server.answered[P.INFER] += 1
-            server.send(endpoint, s.envelope, reply)
+        for item, result in zip(items, results, strict=True):
+            _answer(server, endpoint, item, result)
     for envelope, body in alone:
         TrunkServer.serve(server, endpoint, envelope, body)
+
+
+def _fits(limits, item, steps: list, forwards: list) -> bool:
+    """Whether the batch `item` would join stays within the token limits with it."""
+    if isinstance(item, Step):  # the joined cache: every row as long as the longest, and one position more
+        joined = [*steps, item]
+        return (sum(s.h1.shape[0] for s in joined) * (max(s.start for s in joined) + 1)
+                <= min(limits.max_tokens, limits.cached_tokens))
+    if isinstance(item, Forward):  # every row as long as the longest
+        joined = [*forwards, item]
+        return sum(f.h1.shape[0] for f in joined) * max(f.h1.shape[1] for f in joined) <= limits.max_tokens
+    return True
+
+
+def _answer(server, endpoint, item, result):
+    """Reply to one request of a batch with its part of the result, as if it had been served alone."""
+    server.counters["requests"] += 1
+    server.counters["bytes_in"] += wire.nbytes(item.body)
+    item.session.seen = time.monotonic()
+    if isinstance(item, Step):
+        out, op = result, P.INFER
+    elif isinstance(item, Forward):
+        server.sessions.keep(item.session, item.key, result)
+        out, op = result.out, P.FORWARD
+    else:
+        item.session.pop(item.key)  # a state serves one backward, then it is gone
+        out, op = result, P.BACKWARD
+    reply = wire.encode(P.ok(item.header), [out], dtype=_came_in(item.header))  # as h1 (or dL/dh2) came
+    item.session.answered(P.request_id(item.header), reply)
+    server.answered[op] += 1
+    server.send(endpoint, item.envelope, reply)

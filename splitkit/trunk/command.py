@@ -58,7 +58,8 @@ def parse_args(argv=None, prog: str | None = None):
     p.add_argument("--simulate-faults", default="", metavar="SPEC",
                    help="e.g. drop=0.1,delay=0.2,delay_s=2,crash_after=50 (for showing recovery)")
     p.add_argument("--batch-window-ms", type=float, metavar="MS",
-                   help="run the one-token generation steps of different students that wait together as one batch, "
+                   help="run the requests of different students that wait together as one batch (one-token generation "
+                        "steps, kept forwards and their backwards), "
                         "gathered for up to MS ms after the first (0: only those already waiting); results equal "
                         "those served alone within float rounding, not bit for bit (default: off, one at a time)")
     p.add_argument("--lora-seed", type=int, metavar="N",

@@ -159,7 +159,7 @@ class TrunkServer:
         else:
             state = self._forward_with_graph(session, h1, pad)
             self.sessions.keep(session, key, state)
-            h2 = state.h2
+            h2 = state.out
         return wire.encode(P.ok(header), [h2], dtype=_came_in(header))  # (B, T, d) in the wire dtype h1 came in
 
     def _infer(self, session: Session, header: dict, tensors: list) -> list:
@@ -187,15 +187,14 @@ class TrunkServer:
         if state is None and len(tensors) < 2:
             raise Refused(f"no forward state {key} here (evicted, or the server restarted): "
                           f"send h1 with the backward", P.STATE_MISSING)
-        if state is not None and g2.shape != state.h2.shape:
-            raise Refused(f"dL/dh2 has shape {list(g2.shape)}, the forward gave {list(state.h2.shape)}")
+        if state is not None and g2.shape != state.out.shape:
+            raise Refused(f"dL/dh2 has shape {list(g2.shape)}, the forward gave {list(state.out.shape)}")
         if state is None:                                    # the stateless fallback: recompute the forward
             self.counters["recomputed"] += 1
             state = self._forward_with_graph(session, tensors[1], P.padding(header, *g2.shape[:2]))
         session.pop(key)                                     # a state serves one backward, then it is gone
-        self.sessions.activate(session)
-        torch.autograd.backward(state.h2, g2)                # the VJP: h1.grad = J^T · dL/dh2, J = dh2/dh1
-        return wire.encode(P.ok(header), [state.h1.grad], dtype=_came_in(header))  # dL/dh1: (B, T, d)
+        (g1,) = self.sessions.backward([(session, state, g2)])  # the VJP: J^T · dL/dh2, J = dh2/dh1
+        return wire.encode(P.ok(header), [g1], dtype=_came_in(header))  # dL/dh1: (B, T, d)
 
     def _step(self, session: Session, header: dict, tensors: list) -> list:
         applied = self.sessions.step(session)  # refused unless full+trunk; False if no backward came since the last

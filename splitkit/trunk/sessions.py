@@ -33,7 +33,7 @@ class Sessions:
     def of(cls, model, cuts, device, limits: Limits, lora_seed: int | None = None) -> "Sessions":
         """The table of a server of blocks [a, b) of `model`: a private copy of them on `device`, as on a
         separate machine (the client's LoRA never reaches it)."""
-        trunk = copy.deepcopy(split_model(model, cuts).trunk).to(device).requires_grad_(False)
+        trunk = copy.deepcopy(split_model(model, cuts).trunk).to(device).requires_grad_(False).eval()  # no dropout
         return cls(trunk, model.config, limits, lora_seed)
 
     def __len__(self):
@@ -73,7 +73,7 @@ class Sessions:
 
     def state_bytes(self) -> int:
         """Bytes of h1 and h2 held in forward states (their graphs hold about as much again per block)."""
-        return sum(st.h1.nbytes + st.h2.nbytes for s in self.table.values() for st in s.states.values())
+        return sum(st.nbytes for s in self.table.values() for st in s.states.values())
 
     def totals(self) -> dict:
         """What the table holds, for the server's stats: sessions, forward states, KV caches, and their bytes."""
@@ -146,11 +146,10 @@ class Sessions:
         """Drop a generation's KV cache; say whether there was one."""
         return session.generations.pop(gen, None) is not None
 
-    def generating(self, within_s: float = 1.0) -> int:
-        """Sessions that can join a batch (not full+trunk) with a generation that took a step within `within_s`."""
+    def active(self, within_s: float = 1.0) -> int:
+        """Sessions that sent a request within `within_s`: the ones a batching server waits for."""
         now = time.monotonic()
-        return sum(1 for s in self.table.values() if s.mode != FULL_TRUNK
-                   and any(now - g.seen < within_s for g in s.generations.values()))
+        return sum(1 for s in self.table.values() if now - s.seen < within_s)
 
     def generations(self) -> int:
         return sum(len(s.generations) for s in self.table.values())
@@ -182,6 +181,45 @@ class Sessions:
             return self._trunk(session)(h1)
         mask, positions = left_padding(pad, 0, h1.shape[1], h1.device)  # (B, T), (B, T)
         return self._trunk(session)(h1, attention_mask=mask, position_ids=positions)
+
+    def run_together(self, h1, pads: list, adapters: list):  # (ΣB, T, d) -> (ΣB, T, d)
+        """h2 of rows of different sessions in one call: row i left-padded by pads[i], through the Trunk with
+        adapter adapters[i] (None: the base Trunk). PEFT's mixed-adapter batch applies each adapter to its own rows
+        only, so each session's LoRA gets the gradient of its own rows; it refuses a model in training mode."""
+        mask, positions = left_padding(pads, 0, h1.shape[1], h1.device)  # (ΣB, T), (ΣB, T)
+        if not any(adapters):
+            return self.base_trunk()(h1, attention_mask=mask, position_ids=positions)
+        self.peft.base_model.set_adapter(sorted({a for a in adapters if a}))  # each of them trainable in this call
+        try:
+            return self.peft(h1, attention_mask=mask, position_ids=positions,
+                             adapter_names=[a or "__base__" for a in adapters])
+        finally:
+            self.peft.set_adapter(next(a for a in adapters if a))  # one trainable adapter again, as activate() keeps
+
+    def backward(self, parts: list) -> list:
+        """dL/dh1 (B, T, d) of each (session, state, dL/dh2), all of one forward (a joined one, or one alone), from
+        one backward through it; a full+trunk session's LoRA gets the gradient of its own rows in .grad."""
+        (session, state, g2), h1, h2 = parts[0], parts[0][1].h1, parts[0][1].h2
+        if state.part is None:  # a forward of its own: h1.grad = J^T · dL/dh2, and the active adapter's .grad
+            self.activate(session)
+            torch.autograd.backward(h2, g2)
+            return [h1.grad]
+        grad = torch.zeros_like(h2)  # the joined forward's dL/dh2: these parts' own, zero in the others' rows
+        for _, st, g in parts:
+            grad[st.part] = g
+        adapters = sorted({s.adapter for s, _, _ in parts if s.mode == FULL_TRUNK})
+        params = [p for s, _, _ in parts if s.mode == FULL_TRUNK for _, p in self.lora_parameters(s)]
+        if adapters:
+            self.peft.base_model.set_adapter(adapters)  # differentiable, for autograd's check
+        try:  # the graph is kept for the other sessions of the forward, whose backwards may come later
+            grads = torch.autograd.grad(h2, [h1, *params], grad, retain_graph=True, allow_unused=True)
+        finally:
+            if adapters:
+                self.peft.set_adapter(adapters[0])
+        for p, g in zip(params, grads[1:], strict=True):
+            if g is not None:
+                p.grad = g if p.grad is None else p.grad + g
+        return [grads[0][st.part] for _, st, _ in parts]
 
     def _trunk(self, session: Session):
         """The Trunk as this session sees it: with its own adapter in full+trunk, with none otherwise."""
@@ -222,6 +260,7 @@ class Sessions:
                 self.peft = add_lora(self.trunk, session.lora, self.config, adapter=session.adapter)
             else:
                 add_adapter(self.peft, session.lora, self.config, session.adapter)
+            self.peft.eval()  # as the Trunk: PEFT runs a batch of different adapters in eval mode only
         except ValueError as e:
             raise Refused(f"cannot put LoRA on the trunk: {e}") from None
         try:

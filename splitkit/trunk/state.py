@@ -39,11 +39,25 @@ class Limits:
 
 @dataclass
 class State:
-    """One forward kept for its backward: h1 (a leaf that will get dL/dh1) and h2 = Trunk(h1) with its graph."""
+    """One forward kept for its backward: h1 (a leaf that will get dL/dh1) and h2 = Trunk(h1) with its graph.
 
-    h1: torch.Tensor  # (B, T, d), requires_grad
-    h2: torch.Tensor  # (B, T, d)
+    A forward run together with other sessions' (splitkit.trunk.batching) shares their h1 and h2: `part` is its rows
+    and positions in them, and `out` its own h2."""
+
+    h1: torch.Tensor  # (B, T, d), requires_grad; joined: (ΣB, longest T, d)
+    h2: torch.Tensor  # (B, T, d); joined: (ΣB, longest T, d)
     time: float = field(default_factory=time.monotonic)
+    part: tuple[slice, slice] | None = None  # joined: (its rows, its positions) of h1 and h2
+
+    @property
+    def out(self) -> torch.Tensor:
+        """This forward's own h2: (B, T, d)."""
+        return self.h2 if self.part is None else self.h2[self.part]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of this forward's own h1 and h2 (its graph holds about as much again per block)."""
+        return 2 * self.out.nbytes
 
 
 @dataclass
