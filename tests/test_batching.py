@@ -3,6 +3,7 @@ h2 equals what they get served alone within float rounding (relative 1e-5), thei
 bad request among them gets its own error while the others are answered. On the tiny Llama, over real sockets."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -273,3 +274,24 @@ def test_a_class_training_together_over_sockets_ends_where_each_student_ends_alo
     for (losses, lora), (losses_alone, lora_alone) in zip(together, alone, strict=True):
         assert losses == pytest.approx(losses_alone, rel=1e-5)
         assert lora.keys() == lora_alone.keys() and max_rel_diff(lora, lora_alone) <= 1e-4
+
+
+def test_the_server_waits_for_students_who_keep_a_pace_and_not_for_one_who_stopped(llama):
+    """Sessions.active: a session is waited for while its next request is due (its last came within twice its pace,
+    the longest of its last three gaps), so a student who stopped costs the others no window."""
+    server = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*")
+    steady, stopped = training_sessions(llama, server, [P.FULL, P.FULL])
+
+    def release(sid, rid):  # a cheap request of that session
+        assert codec.decode(server.handle(encode({"op": P.RELEASE, "session": sid, "id": rid, "gen": 0})))[0]["ok"]
+
+    assert server.sessions.active() == 0  # a hello alone sets no pace
+    for rid in range(1, 4):
+        release(steady, rid)
+        release(stopped, rid)
+        time.sleep(0.02)
+    assert server.sessions.active() == 2  # both keep a pace of about 20 ms
+    time.sleep(0.2)  # ten times the pace without a request: neither is due
+    assert server.sessions.active() == 0
+    release(steady, 4)
+    assert server.sessions.active() == 1  # the one that came back, at its new pace of about 0.2 s

@@ -11,6 +11,7 @@ import torch
 
 from splitkit import Learner, TrunkClient
 from splitkit.training.testing import free_port, random_batch
+from splitkit.trunk.batching import BatchingServer
 from splitkit.trunk.server import class_or_own, connect_or_start
 from splitkit.wire.keys import add_student, make_keys
 
@@ -84,6 +85,22 @@ def test_a_class_server_at_other_cuts_is_left_alone_and_a_server_of_its_own_is_s
                                   f"server of this notebook's own on {choice.address}")
     one_step(llama, choice.address, cuts=(1, 4))
     assert backwards(choice.address) == 1 and backwards(address) == 0
+
+
+def test_a_class_server_that_batches_is_used_unless_the_lesson_compares_bit_for_bit(llama, trunk_env, choose):
+    batching = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*", window_ms=2)
+    try:
+        address = batching.start()
+        trunk_env(address)
+        assert choose(llama, CUTS).address == address  # results within float rounding are fine here
+        exact = choose(llama, CUTS, exact=True)  # not for a lesson that checks bit for bit: one of its own
+        assert exact.address != address and exact.server is not None
+        assert exact.line.startswith(f"the class server at {address} runs classmates' requests together with yours "
+                                     f"(--batch-window-ms)")
+        one_step(llama, exact.address)
+        assert backwards(exact.address) == 1 and backwards(address) == 0
+    finally:
+        batching.stop()
 
 
 def test_a_class_server_with_another_model_or_other_weights_is_left_alone(llama, tiny, serve, trunk_env, choose):

@@ -22,7 +22,6 @@ plain), and so is every request of a batch that fails: each then gets its own an
 
 import copy
 import logging
-import time
 from dataclasses import dataclass
 from functools import partial
 
@@ -193,18 +192,20 @@ def _left_padded(layer, extra: int):
 
 class BatchingServer(TrunkServer):
     """A TrunkServer that runs requests of different sessions that wait together as one batch: one-token generation
-    steps, forwards kept for a backward, and the backwards of a forward run together. After a request it waits up to
-    `window_ms` for more, only while other sessions are active and only until each of them has sent;
-    `trunk_server.py --batch-window-ms MS` runs one."""
+    steps, forwards kept for a backward, and the backwards of a forward run together. With a request it takes every
+    one already waiting, and waits up to `window_ms` for more only while other sessions keep a pace that makes their
+    next request due (Sessions.active), until each of them has sent; `trunk_server.py --batch-window-ms MS`."""
 
     def __init__(self, *args, window_ms: float = 2.0, **kwargs):
         super().__init__(*args, **kwargs)
-        self.window_ms = window_ms
+        self.window_ms = self.identity["batch_window_ms"] = window_ms
         self.counters.update(batches=0, batched=0)
 
     def serve(self, endpoint, envelope: list, body: list):
-        others = self.sessions.active() - 1
-        more = endpoint.waiting(self.window_ms if others > 0 else 0, most=max(others, 0))
+        more = endpoint.waiting(0, most=self.limits.max_sessions)  # what is already waiting
+        due = self.sessions.active() - 1 - len(more)  # the others whose next request is due
+        if due > 0:
+            more += endpoint.waiting(self.window_ms, most=due)
         serve_waiting(self, endpoint, [(envelope, body), *more])
 
 
@@ -219,6 +220,7 @@ def serve_waiting(server, endpoint, messages: list):
             alone.append((envelope, body))
             continue
         sessions.add(item.session.id)
+        item.session.heard()  # when it came, for the session's pace (a batch that fails hears it again, alone)
         if isinstance(item, Step):
             steps.append(item)
         elif isinstance(item, Forward):
@@ -258,7 +260,6 @@ def _answer(server, endpoint, item, result):
     """Reply to one request of a batch with its part of the result, as if it had been served alone."""
     server.counters["requests"] += 1
     server.counters["bytes_in"] += wire.nbytes(item.body)
-    item.session.seen = time.monotonic()
     if isinstance(item, Step):
         out, op = result, P.INFER
     elif isinstance(item, Forward):

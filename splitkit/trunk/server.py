@@ -45,7 +45,8 @@ class TrunkServer:
         self.device = torch.device(device)
         self.limits, self.faults = limits or Limits(), faults or Faults()
         self.identity = dict(model=self.name, cuts=list(self.cuts), hidden_size=self.hidden_size,
-                             fingerprint=self.fingerprint, device=str(self.device), limits=vars(self.limits))
+                             fingerprint=self.fingerprint, device=str(self.device), limits=vars(self.limits),
+                             batch_window_ms=None)  # a BatchingServer's window: results then within float rounding
         self.sessions = Sessions.of(model, self.cuts, self.device, self.limits, lora_seed)  # a private copy
         self.counters = dict(requests=0, errors=0, bytes_in=0, bytes_out=0, dropped=0, recomputed=0)
         self.answered, self.refused = Counter(), Counter()  # op -> requests answered ok; code -> refusals
@@ -129,7 +130,7 @@ class TrunkServer:
         elif session is None:
             raise Refused(f"no session {sid[:8]}… here (the server restarted or dropped it): say hello again",
                           P.UNKNOWN_SESSION)
-        session.seen = time.monotonic()
+        session.heard()
         kept = session.replay(rid)  # a retry is answered again, never applied twice; an older id is refused
         if kept is not None:
             return kept
@@ -251,11 +252,12 @@ class TrunkChoice:
             self.server.stop()
 
 
-def class_or_own(model, cuts, say=print, timeout: float = PROBE_TIMEOUT, **options) -> TrunkChoice:
-    """The class server named by $SPLITKIT_TRUNK if it runs `model` at `cuts` (asked, waiting `timeout` s at most),
-    else a new TrunkServer(model, cuts, **options) on a free loopback port in a background thread. `say` gets the
-    line that says which server and why (None: nothing is said)."""
-    address, why = class_server(model, cuts, timeout)
+def class_or_own(model, cuts, say=print, timeout: float = PROBE_TIMEOUT, exact: bool = False,
+                 **options) -> TrunkChoice:
+    """The class server named by $SPLITKIT_TRUNK if it runs `model` at `cuts` (asked, waiting `timeout` s at most;
+    with `exact`, only if it serves each request alone), else a new TrunkServer(model, cuts, **options) on a free
+    loopback port in a background thread. `say` gets the line that says which server and why (None: nothing)."""
+    address, why = class_server(model, cuts, timeout, exact)
     if address is not None:
         choice = TrunkChoice(address, None, why)
     else:
@@ -268,7 +270,7 @@ def class_or_own(model, cuts, say=print, timeout: float = PROBE_TIMEOUT, **optio
     return choice
 
 
-def connect_or_start(model, cuts, **options) -> str:
+def connect_or_start(model, cuts, exact: bool = False, **options) -> str:
     """class_or_own's address, its line printed: the class server if it fits, else a server started here that runs
     until the kernel ends."""
-    return class_or_own(model, cuts, **options).address
+    return class_or_own(model, cuts, exact=exact, **options).address

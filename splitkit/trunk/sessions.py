@@ -129,7 +129,7 @@ class Sessions:
 
     def touch(self, session: Session, gen: int, generation: Generation):
         """Keep `generation` as the session's most recently used one, within the limits (after each step)."""
-        session.seen = generation.seen = time.monotonic()
+        generation.seen = time.monotonic()
         session.generations.pop(gen, None)
         session.generations[gen] = generation
         self._bound_generations(session)
@@ -147,9 +147,11 @@ class Sessions:
         return session.generations.pop(gen, None) is not None
 
     def active(self, within_s: float = 1.0) -> int:
-        """Sessions that sent a request within `within_s`: the ones a batching server waits for."""
+        """Sessions that keep a pace and whose next request is due: the last came within twice their pace
+        (Session.pace), and within `within_s`. A batching server waits for these; a student who stopped is not
+        waited for once twice their pace has gone by."""
         now = time.monotonic()
-        return sum(1 for s in self.table.values() if now - s.seen < within_s)
+        return sum(1 for s in self.table.values() if now - s.seen < min(within_s, 2 * s.pace))
 
     def generations(self) -> int:
         return sum(len(s.generations) for s in self.table.values())

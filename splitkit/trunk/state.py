@@ -91,6 +91,7 @@ class Session:
     last_id: int = -1  # the newest request answered...
     last_reply: list | None = None  # ...and its reply, sent again if the request comes again
     seen: float = field(default_factory=time.monotonic)
+    gaps: tuple = ()  # seconds between its last four requests
     steps: int = 0  # optimizer steps applied to the Trunk LoRA
     requests: int = 0  # requests answered
 
@@ -107,6 +108,17 @@ class Session:
         if rid < self.last_id:
             raise Refused(f"request {rid} is older than {self.last_id}, already answered", STALE)
         return None
+
+    def heard(self):
+        """A request came now."""
+        now = time.monotonic()
+        self.gaps, self.seen = (*self.gaps[-2:], now - self.seen), now
+
+    @property
+    def pace(self) -> float:
+        """The longest of the last three gaps between its requests (a training step's requests come at uneven
+        intervals: forward, backward, step); 0 before it has sent any."""
+        return max(self.gaps, default=0.0)
 
     def answered(self, rid: int, reply: list):
         """Keep the reply to request `rid`, the newest, for a retry of it."""

@@ -16,9 +16,10 @@ from .client import PROBE_TIMEOUT, TrunkClient, TrunkError, TrunkUnavailable
 from .keys import CURVE_ENV, TRUNK_ENV, class_keys
 
 
-def class_server(model, cuts, timeout: float = PROBE_TIMEOUT) -> tuple[str | None, str]:
+def class_server(model, cuts, timeout: float = PROBE_TIMEOUT, exact: bool = False) -> tuple[str | None, str]:
     """($SPLITKIT_TRUNK, a line that says so) if that server runs the Trunk of `model` split at `cuts`; (None, why
-    not) if it is not set, does not answer one `stats` within `timeout` seconds, or runs other cuts or another model."""
+    not) if it is not set, does not answer one `stats` within `timeout` seconds, or runs other cuts or another model,
+    or, with `exact` (a lesson whose checks compare bit for bit), if it batches students' requests together."""
     address = os.environ.get(TRUNK_ENV)
     if not address:
         return None, f"${TRUNK_ENV} is not set"
@@ -40,6 +41,9 @@ def class_server(model, cuts, timeout: float = PROBE_TIMEOUT) -> tuple[str | Non
         return None, f"{where} runs another model ({stats['model']}), not {model.config.name_or_path}"
     if stats["fingerprint"]["trunk"] != mine["trunk"]:
         return None, f"{where} runs {stats['model']} with other weights in blocks [{cuts[0]}, {cuts[1]})"
+    if exact and stats.get("batch_window_ms") is not None:
+        return None, (f"{where} runs classmates' requests together with yours (--batch-window-ms), equal to yours "
+                      f"alone within float rounding; this lesson compares bit for bit")
     return address, f"using {where} ({stats['model']}, cuts {cuts})"
 
 
