@@ -208,15 +208,12 @@ def test_forwards_and_backwards_of_a_class_run_together_give_each_student_what_t
     for op, rid in ((P.FORWARD, 1), (P.BACKWARD, 2)):
         sent = requests(llama, sessions, op, rid)
         want = {h["session"]: codec.decode(alone.handle(encode(h, [x]))) for h, x in sent}
-        if op == P.BACKWARD:  # the first backward comes alone: the others' come together later
-            h, x = sent.pop(0)
-            endpoint.sent[h["session"].encode()] = batched.handle(encode(h, [x]))
         serve_waiting(batched, endpoint, [([h["session"].encode()], encode(h, [x])) for h, x in sent])
         for sid in sessions:
             (reply, got), (reply_alone, expected) = codec.decode(endpoint.sent[sid.encode()]), want[sid]
             assert reply["ok"] and reply_alone["ok"] and got[0].shape == expected[0].shape
             assert rel_diff(got[0], expected[0]) <= TOLERANCE, (op, sid, rel_diff(got[0], expected[0]))
-    assert batched.counters["batches"] == 2 and batched.counters["batched"] == 2 * len(modes) - 1
+    assert batched.joined == {"forwards": 1, "backwards": 1} and batched.counters["batched"] == 2 * len(modes)
     for sid, mode in sessions.items():
         assert not batched.sessions.get(sid).states  # each state served its one backward
         if mode == P.FULL_TRUNK:  # each student's Trunk LoRA gradient is their own
@@ -227,21 +224,54 @@ def test_forwards_and_backwards_of_a_class_run_together_give_each_student_what_t
             assert max(rel_diff(got[n], batched.sessions.lora_grads(others[0])[n]) for n in want) > 0.1
 
 
-def test_a_bad_forward_in_a_batch_gets_its_error_and_the_others_their_states(llama):
-    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*")
-    sessions = training_sessions(llama, batched, [P.FULL, P.FULL_TRUNK, P.FULL])
+def test_a_bad_forward_among_those_waiting_gets_its_error_and_the_others_their_states(llama):
+    modes = [P.FULL, P.FULL_TRUNK, P.FULL]
+    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*", lora_seed=2)
+    sessions = training_sessions(llama, batched, modes)
+    alone = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*", lora_seed=2)
+    training_sessions(llama, alone, modes)
     sent = requests(llama, sessions, P.FORWARD, 1)
     sent[1] = (sent[1][0], torch.full_like(sent[1][1], float("inf")))  # student 1 sends inf
+    want = {h["session"]: codec.decode(alone.handle(encode(h, [x]))) for h, x in sent}
     endpoint = Recording()
     serve_waiting(batched, endpoint, [([h["session"].encode()], encode(h, [x])) for h, x in sent])
-    replies = {sid: codec.decode(endpoint.sent[sid.encode()])[0] for sid in sessions}
+    got = {sid: codec.decode(endpoint.sent[sid.encode()]) for sid in sessions}
     assert batched.counters["batches"] == 1 and batched.counters["batched"] == 2
     for i, sid in enumerate(sessions):
-        if i == 1:
-            assert not replies[sid]["ok"] and replies[sid]["code"] == P.BAD_REQUEST
+        (reply, tensors), (reply_alone, tensors_alone) = got[sid], want[sid]
+        if i == 1:  # the error it gets alone, and nothing kept
+            assert not reply["ok"] and reply == reply_alone and reply["code"] == P.BAD_REQUEST
             assert not batched.sessions.get(sid).states
         else:
-            assert replies[sid]["ok"] and 7 in batched.sessions.get(sid).states
+            assert reply["ok"] and 7 in batched.sessions.get(sid).states
+            assert rel_diff(tensors[0], tensors_alone[0]) <= TOLERANCE
+
+
+def test_a_backward_that_comes_after_a_classmate_stepped_their_trunk_lora_is_still_right(llama):
+    """A joined forward of a full+trunk and a full session; the full+trunk one's backward comes alone, then its
+    step changes its Trunk LoRA in place; then the full one's backward. Each is what it gets alone."""
+    modes = [P.FULL_TRUNK, P.FULL, P.FULL_TRUNK]
+    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*", lora_seed=3)
+    sessions = list(training_sessions(llama, batched, modes))
+    alone = TrunkServer(llama, CUTS, bind="tcp://127.0.0.1:*", lora_seed=3)
+    training_sessions(llama, alone, modes)
+    endpoint = Recording()
+    forwards = requests(llama, dict.fromkeys(sessions), P.FORWARD, 1)
+    serve_waiting(batched, endpoint, [([h["session"].encode()], encode(h, [x])) for h, x in forwards])
+    for h, x in forwards:
+        alone.handle(encode(h, [x]))
+    assert batched.joined["forwards"] == 1
+    backwards = requests(llama, dict.fromkeys(sessions), P.BACKWARD, 2)
+    step = {"op": P.STEP, "session": sessions[0], "id": 3}
+    (h0, g0), (h1, g1), (h2, g2) = backwards
+    order = [encode(h0, [g0]), encode(step), encode(h1, [g1]), encode(h2, [g2])]
+    for frames in order:  # one at a time, as they come: the first backward alone, a step, then the others
+        got, want = codec.decode(batched.handle(frames)), codec.decode(alone.handle(frames))
+        assert got[0]["ok"] and want[0]["ok"], got[0]
+        assert all(rel_diff(g, w) <= TOLERANCE for g, w in zip(got[1], want[1], strict=True))
+    got, want = batched.sessions.lora_grads(sessions[2]), alone.sessions.lora_grads(sessions[2])
+    assert all(g is not None for g in got.values()) and max_rel_diff(got, want) <= TOLERANCE
+
 
 
 def test_a_class_training_together_over_sockets_ends_where_each_student_ends_alone(llama, serve):
@@ -270,7 +300,7 @@ def test_a_class_training_together_over_sockets_ends_where_each_student_ends_alo
     for t in threads:
         t.join(120)
     batched.stop()
-    assert batched.counters["batches"] >= steps and batched.counters["batched"] >= 2 * batched.counters["batches"]
+    assert min(batched.joined[kind] for kind in ("forwards", "backwards")) >= steps // 2  # both kinds joined
     for (losses, lora), (losses_alone, lora_alone) in zip(together, alone, strict=True):
         assert losses == pytest.approx(losses_alone, rel=1e-5)
         assert lora.keys() == lora_alone.keys() and max_rel_diff(lora, lora_alone) <= 1e-4

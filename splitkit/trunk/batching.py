@@ -10,18 +10,21 @@ per-call work around it); gathered, the rows of all of them go through the Trunk
 - forwards kept for a backward (`full` and `full+trunk`): the shorter ones left-padded to the longest, one graph
   over all rows; each full+trunk session's rows go through its own LoRA adapter (PEFT's mixed-adapter batch), so
   that its adapter's gradient comes from its rows alone;
-- the backwards of one such joined forward: one backward with each one's dL/dh2 in its rows. A backward that comes
-  alone goes back through the joined graph by itself (the graph is kept until every part is used or dropped).
+- the backwards of one such joined forward that come together: one backward with each one's dL/dh2 in its rows.
+  The joined graph serves one backward: then it is let go, and a part whose backward comes alone or later is run
+  again alone from its own h1 (a forward of its rows, then its backward), so a classmate's Trunk LoRA step in between
+  changes nothing, and a student whose backward never comes holds the joined graph only until a classmate's does.
 
-A student's h2, dL/dh1 and Trunk LoRA gradient equal what they get served alone within float rounding (attention
-runs over longer, masked rows, and the matrix products over more rows), not bit for bit; greedy tokens and training
-runs come out the same within it (tests/test_batching.py). Everything else is served alone, as without batching
-(retries, requests that the usual path would refuse, a batch over the token limits, cache layers that are not
-plain), and so is every request of a batch that fails: each then gets its own answer or its own error.
+A student's h2, dL/dh1 and Trunk LoRA gradient equal what they get alone within float rounding (attention runs over
+longer, masked rows, the matrix products over more rows), not bit for bit (tests/test_batching.py). Everything else
+is served alone (retries, requests the usual path would refuse, a batch over the token limits, cache layers that are
+not plain), and so is every request of a batch that fails: each then gets its own answer or its own error.
 """
 
 import copy
 import logging
+import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 
@@ -48,6 +51,7 @@ class Step:
     gen: int
     start: int
     h1: torch.Tensor  # (B, 1, d)
+    arrived: float = 0.0  # time.monotonic() when it was taken in
 
 
 @dataclass
@@ -61,6 +65,7 @@ class Forward:
     key: int
     h1: torch.Tensor  # (B, T, d)
     pad: list  # (B,) each row's left padding
+    arrived: float = 0.0
 
 
 @dataclass
@@ -74,6 +79,7 @@ class Backward:
     key: int
     state: State
     g2: torch.Tensor  # (B, T, d)
+    arrived: float = 0.0
 
 
 def joinable(server, envelope: list, body: list):
@@ -94,7 +100,7 @@ def joinable(server, envelope: list, body: list):
             return Forward(envelope, body, header, session, key, h1, pad or [0] * h1.shape[0])
         state = session.states.get(key)
         g2 = server._hidden(tensors, (1, 2))[0]
-        if state is None or state.part is None or g2.shape != state.out.shape:
+        if state is None or state.part is None or g2.shape != state.own_h1.shape:
             return None
         return Backward(envelope, body, header, session, key, state, g2)
     except (wire.WireError, Refused):
@@ -159,13 +165,29 @@ def forward_together(sessions, forwards: list[Forward]) -> list[State]:
     pads = [p + longest - f.h1.shape[1] for f in forwards for p in f.pad]
     adapters = [f.session.adapter if f.session.mode == FULL_TRUNK else None for f in forwards for _ in f.pad]
     with torch.enable_grad():
-        h2 = sessions.run_together(h1, pads, adapters)
-    states, row = [], 0
+        h2 = run_together(sessions, h1, pads, adapters)
+    states, row, members = [], 0, []  # members: each part's (session, key), once it is kept
     for f in forwards:
         rows, length = f.h1.shape[:2]
-        states.append(State(h1, h2, part=(slice(row, row + rows), slice(longest - length, longest))))
+        part = (slice(row, row + rows), slice(longest - length, longest))
+        states.append(State(h1, h2, part=part, pad=f.pad, members=members))
         row += rows
     return states
+
+
+def run_together(sessions, h1, pads: list, adapters: list):  # (ΣB, T, d) -> (ΣB, T, d)
+    """h2 of rows of different sessions in one call: row i left-padded by pads[i], through the Trunk with adapter
+    adapters[i] (None: the base Trunk). PEFT's mixed-adapter batch applies each adapter to its own rows only, so each
+    session's LoRA gets the gradient of its own rows; it refuses a model in training mode."""
+    mask, positions = left_padding(pads, 0, h1.shape[1], h1.device)  # (ΣB, T), (ΣB, T)
+    if not any(adapters):
+        return sessions.base_trunk()(h1, attention_mask=mask, position_ids=positions)
+    peft = sessions.peft
+    peft.base_model.set_adapter(sorted({a for a in adapters if a}))  # each of them trainable in this call
+    try:
+        return peft(h1, attention_mask=mask, position_ids=positions, adapter_names=[a or "__base__" for a in adapters])
+    finally:
+        peft.set_adapter(next(a for a in adapters if a))  # one trainable adapter again, as Sessions.activate keeps
 
 
 def _together(what: str, work, items: list):
@@ -200,6 +222,7 @@ class BatchingServer(TrunkServer):
         super().__init__(*args, **kwargs)
         self.window_ms = self.identity["batch_window_ms"] = window_ms
         self.counters.update(batches=0, batched=0)
+        self.joined = Counter()  # batches run, by kind: "generation steps", "forwards", "backwards"
 
     def serve(self, endpoint, envelope: list, body: list):
         more = endpoint.waiting(0, most=self.limits.max_sessions)  # what is already waiting
@@ -220,7 +243,7 @@ def serve_waiting(server, endpoint, messages: list):
             alone.append((envelope, body))
             continue
         sessions.add(item.session.id)
-        item.session.heard()  # when it came, for the session's pace (a batch that fails hears it again, alone)
+        item.arrived = time.monotonic()  # for the session's pace, if it is answered in a batch
         if isinstance(item, Step):
             steps.append(item)
         elif isinstance(item, Forward):
@@ -238,6 +261,7 @@ def serve_waiting(server, endpoint, messages: list):
             continue
         server.counters["batched"] += len(items)
         server.counters["batches"] += 1
+        server.joined[what] += 1
         for item, result in zip(items, results, strict=True):
             _answer(server, endpoint, item, result)
     for envelope, body in alone:
@@ -260,11 +284,13 @@ def _answer(server, endpoint, item, result):
     """Reply to one request of a batch with its part of the result, as if it had been served alone."""
     server.counters["requests"] += 1
     server.counters["bytes_in"] += wire.nbytes(item.body)
+    item.session.heard(item.arrived)
     if isinstance(item, Step):
         out, op = result, P.INFER
     elif isinstance(item, Forward):
         server.sessions.keep(item.session, item.key, result)
-        out, op = result.out, P.FORWARD
+        result.members.append((item.session, item.key))
+        out, op = result.h2[result.part], P.FORWARD
     else:
         item.session.pop(item.key)  # a state serves one backward, then it is gone
         out, op = result, P.BACKWARD

@@ -160,7 +160,7 @@ class TrunkServer:
         else:
             state = self._forward_with_graph(session, h1, pad)
             self.sessions.keep(session, key, state)
-            h2 = state.out
+            h2 = state.h2
         return wire.encode(P.ok(header), [h2], dtype=_came_in(header))  # (B, T, d) in the wire dtype h1 came in
 
     def _infer(self, session: Session, header: dict, tensors: list) -> list:
@@ -188,8 +188,8 @@ class TrunkServer:
         if state is None and len(tensors) < 2:
             raise Refused(f"no forward state {key} here (evicted, or the server restarted): "
                           f"send h1 with the backward", P.STATE_MISSING)
-        if state is not None and g2.shape != state.out.shape:
-            raise Refused(f"dL/dh2 has shape {list(g2.shape)}, the forward gave {list(state.out.shape)}")
+        if state is not None and g2.shape != state.own_h1.shape:
+            raise Refused(f"dL/dh2 has shape {list(g2.shape)}, the forward gave {list(state.own_h1.shape)}")
         if state is None:                                    # the stateless fallback: recompute the forward
             self.counters["recomputed"] += 1
             state = self._forward_with_graph(session, tensors[1], P.padding(header, *g2.shape[:2]))

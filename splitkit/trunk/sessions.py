@@ -184,28 +184,19 @@ class Sessions:
         mask, positions = left_padding(pad, 0, h1.shape[1], h1.device)  # (B, T), (B, T)
         return self._trunk(session)(h1, attention_mask=mask, position_ids=positions)
 
-    def run_together(self, h1, pads: list, adapters: list):  # (ΣB, T, d) -> (ΣB, T, d)
-        """h2 of rows of different sessions in one call: row i left-padded by pads[i], through the Trunk with
-        adapter adapters[i] (None: the base Trunk). PEFT's mixed-adapter batch applies each adapter to its own rows
-        only, so each session's LoRA gets the gradient of its own rows; it refuses a model in training mode."""
-        mask, positions = left_padding(pads, 0, h1.shape[1], h1.device)  # (ΣB, T), (ΣB, T)
-        if not any(adapters):
-            return self.base_trunk()(h1, attention_mask=mask, position_ids=positions)
-        self.peft.base_model.set_adapter(sorted({a for a in adapters if a}))  # each of them trainable in this call
-        try:
-            return self.peft(h1, attention_mask=mask, position_ids=positions,
-                             adapter_names=[a or "__base__" for a in adapters])
-        finally:
-            self.peft.set_adapter(next(a for a in adapters if a))  # one trainable adapter again, as activate() keeps
-
     def backward(self, parts: list) -> list:
-        """dL/dh1 (B, T, d) of each (session, state, dL/dh2), all of one forward (a joined one, or one alone), from
-        one backward through it; a full+trunk session's LoRA gets the gradient of its own rows in .grad."""
-        (session, state, g2), h1, h2 = parts[0], parts[0][1].h1, parts[0][1].h2
+        """dL/dh1 (B, T, d) of each (session, state, dL/dh2), all of one forward, from one backward through it; a
+        full+trunk session's LoRA gets the gradient of its own rows in .grad. A part of a joined forward that comes
+        alone is run again alone (cheaper than a backward through every row); see State.let_go."""
+        session, state, g2 = parts[0]
+        if len(parts) == 1 and (state.part is not None or state.h2 is None):
+            state.let_go()
+            state = self.again(session, state)
         if state.part is None:  # a forward of its own: h1.grad = J^T · dL/dh2, and the active adapter's .grad
             self.activate(session)
-            torch.autograd.backward(h2, g2)
-            return [h1.grad]
+            torch.autograd.backward(state.h2, g2)
+            return [state.h1.grad]
+        h1, h2 = state.h1, state.h2
         grad = torch.zeros_like(h2)  # the joined forward's dL/dh2: these parts' own, zero in the others' rows
         for _, st, g in parts:
             grad[st.part] = g
@@ -213,15 +204,22 @@ class Sessions:
         params = [p for s, _, _ in parts if s.mode == FULL_TRUNK for _, p in self.lora_parameters(s)]
         if adapters:
             self.peft.base_model.set_adapter(adapters)  # differentiable, for autograd's check
-        try:  # the graph is kept for the other sessions of the forward, whose backwards may come later
-            grads = torch.autograd.grad(h2, [h1, *params], grad, retain_graph=True, allow_unused=True)
+        try:
+            grads = torch.autograd.grad(h2, [h1, *params], grad, allow_unused=True)
         finally:
             if adapters:
                 self.peft.set_adapter(adapters[0])
         for p, g in zip(params, grads[1:], strict=True):
             if g is not None:
                 p.grad = g if p.grad is None else p.grad + g
+        state.let_go()
         return [grads[0][st.part] for _, st, _ in parts]
+
+    def again(self, session: Session, state: State) -> State:
+        """A part of a joined forward run again alone: its own rows, with the graph kept."""
+        h1 = state.own_h1.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return State(h1, self.run(session, h1, state.pad))
 
     def _trunk(self, session: Session):
         """The Trunk as this session sees it: with its own adapter in full+trunk, with none otherwise."""

@@ -42,22 +42,33 @@ class State:
     """One forward kept for its backward: h1 (a leaf that will get dL/dh1) and h2 = Trunk(h1) with its graph.
 
     A forward run together with other sessions' (splitkit.trunk.batching) shares their h1 and h2: `part` is its rows
-    and positions in them, and `out` its own h2."""
+    and positions in them, `members` the (session, key) of every part. Once one backward has used that graph, the
+    parts left keep only their own h1 (h2 None), run again alone at their backward."""
 
     h1: torch.Tensor  # (B, T, d), requires_grad; joined: (ΣB, longest T, d)
-    h2: torch.Tensor  # (B, T, d); joined: (ΣB, longest T, d)
+    h2: torch.Tensor | None  # (B, T, d); joined: (ΣB, longest T, d); None: to be run again
     time: float = field(default_factory=time.monotonic)
     part: tuple[slice, slice] | None = None  # joined: (its rows, its positions) of h1 and h2
+    pad: list | None = None  # joined or to be run again: its rows' left padding
+    members: list | None = None  # joined: [(session, key)] of every part, shared by them
 
     @property
-    def out(self) -> torch.Tensor:
-        """This forward's own h2: (B, T, d)."""
-        return self.h2 if self.part is None else self.h2[self.part]
+    def own_h1(self) -> torch.Tensor:
+        """This forward's own h1: (B, T, d)."""
+        return self.h1 if self.part is None else self.h1[self.part]
 
     @property
     def nbytes(self) -> int:
         """Bytes of this forward's own h1 and h2 (its graph holds about as much again per block)."""
-        return 2 * self.out.nbytes
+        return self.own_h1.nbytes * (1 if self.h2 is None else 2)
+
+    def let_go(self):
+        """After a backward of a joined forward, let its graph go (a Trunk LoRA in it may step before the other
+        backwards come): every part still kept keeps only its own h1 and padding, to be run again at its backward."""
+        for session, key in self.members or ():
+            kept = session.states.get(key)
+            if kept is not None and kept.members is self.members:
+                session.states[key] = State(kept.own_h1.detach(), None, kept.time, pad=kept.pad)
 
 
 @dataclass
@@ -109,9 +120,9 @@ class Session:
             raise Refused(f"request {rid} is older than {self.last_id}, already answered", STALE)
         return None
 
-    def heard(self):
-        """A request came now."""
-        now = time.monotonic()
+    def heard(self, at: float | None = None):
+        """A request came now (or `at`, a time.monotonic())."""
+        now = time.monotonic() if at is None else at
         self.gaps, self.seen = (*self.gaps[-2:], now - self.seen), now
 
     @property
