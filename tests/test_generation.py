@@ -186,6 +186,22 @@ def test_a_server_that_keeps_no_cache_still_generates_the_same_tokens(llama, ser
         assert kept.client.resent == 0 and lost.client.resent == NEW - 1  # every decode step lost its cache
 
 
+def test_a_server_that_runs_generation_steps_on_one_thread_makes_the_same_tokens(llama, serve, spec, monkeypatch):
+    """trunk_server.py runs a generation step of a few tokens on one thread (--one-thread-up-to): the same greedy
+    tokens, and torch's threads back as they were after each step."""
+    cuts, (ids, mask), threads, set_to = cuts_of(llama), padded_prompts(llama), torch.get_num_threads(), []
+    set_threads = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: set_to.append(n) or set_threads(n))
+    with Learner(llama, mode="full", cuts=cuts, address=serve(llama, cuts), lora=spec) as many, \
+            Learner(llama, mode="full", cuts=cuts, address=serve(llama, cuts, one_thread_up_to=3), lora=spec) as one:
+        want = generate_ids(many, ids, mask, NEW)
+        assert set_to == []
+        got = generate_ids(one, ids, mask, NEW)
+    assert torch.equal(got, want) and torch.get_num_threads() == threads
+    if threads > 1:  # each of the NEW - 1 one-token steps of 3 rows on one thread, and back; the prompt (3 x 7) not
+        assert set_to == [1, threads] * (NEW - 1)
+
+
 def watch_prefixes(client) -> dict:
     """Wrap client.infer to count what generation gives it as `prefix`: nothing, a tensor already joined, or a
     function, and how often infer called that function (joined the h1 history)."""

@@ -25,7 +25,7 @@ import copy
 import logging
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 import torch
@@ -35,51 +35,48 @@ from ..core.split import left_padding
 from ..wire import codec as wire
 from ..wire import protocol as P
 from ..wire.protocol import FULL_TRUNK, Refused
+from .endpoint import on_one_thread
 from .server import TrunkServer, _came_in
 from .state import State
 
 log = logging.getLogger("splitkit.trunk.server")
 
 @dataclass
-class Step:
+class Request:
     """A request that may join a batch: its envelope and frames, and what it asks."""
 
     envelope: list
     body: list
     header: dict
     session: object
+    arrived: float = field(default=0.0, kw_only=True)  # time.monotonic() when it was taken in
+
+
+@dataclass
+class Step(Request):
+    """A one-token generation step."""
+
     gen: int
     start: int
     h1: torch.Tensor  # (B, 1, d)
-    arrived: float = 0.0  # time.monotonic() when it was taken in
 
 
 @dataclass
-class Forward:
-    """A forward kept for its backward (`full` or `full+trunk`) that may join others."""
+class Forward(Request):
+    """A forward kept for its backward (`full` or `full+trunk`)."""
 
-    envelope: list
-    body: list
-    header: dict
-    session: object
     key: int
     h1: torch.Tensor  # (B, T, d)
     pad: list  # (B,) each row's left padding
-    arrived: float = 0.0
 
 
 @dataclass
-class Backward:
+class Backward(Request):
     """A backward of a forward that was run joined with others."""
 
-    envelope: list
-    body: list
-    header: dict
-    session: object
     key: int
     state: State
     g2: torch.Tensor  # (B, T, d)
-    arrived: float = 0.0
 
 
 def joinable(server, envelope: list, body: list):
@@ -250,7 +247,8 @@ def serve_waiting(server, endpoint, messages: list):
             forwards.append(item)
         else:
             backwards.setdefault(id(item.state.h2), []).append(item)  # grouped by the forward they belong to
-    batches = [(steps, lambda: infer_together(server.sessions, steps), "generation steps"),
+    small = on_one_thread(sum(s.h1.shape[0] for s in steps) <= server.one_thread_up_to)  # one position each
+    batches = [(steps, small(partial(infer_together, server.sessions, steps)), "generation steps"),
                (forwards, lambda: forward_together(server.sessions, forwards), "forwards")]
     batches += [(group, lambda group=group: server.sessions.backward([(b.session, b.state, b.g2) for b in group]),
                  "backwards") for group in backwards.values()]

@@ -62,6 +62,10 @@ def parse_args(argv=None, prog: str | None = None):
                         "steps, kept forwards and their backwards), "
                         "gathered for up to MS ms after the first (0: only those already waiting); results equal "
                         "those served alone within float rounding, not bit for bit (default: off, one at a time)")
+    p.add_argument("--one-thread-up-to", type=int, default=32, metavar="N",
+                   help="run a generation step of at most N new tokens (rows x positions) on one thread: for so few, "
+                        "waking torch's other threads for each matrix product costs more than they save "
+                        "(bench/generation.py); 0: never (default: %(default)s)")
     p.add_argument("--lora-seed", type=int, metavar="N",
                    help="start every full+trunk session's Trunk LoRA from seed N, to repeat a run (default: a secret "
                         "seed per session, from the operating system's entropy)")
@@ -91,7 +95,7 @@ def main(argv=None, prog: str | None = None) -> int:
             BatchingServer, {"window_ms": args.batch_window_ms})
         server = kind(model, args.cuts, bind=args.bind, device=args.device, curve_dir=args.curve_dir,
                              insecure=args.insecure, faults=faults, limits=limits, lora_seed=args.lora_seed,
-                             **batching)
+                             one_thread_up_to=args.one_thread_up_to, **batching)
         del model
         server.serve_forever()
     except (ValueError, TypeError, RuntimeError) as e:

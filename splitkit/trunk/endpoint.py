@@ -10,6 +10,7 @@ import threading
 import time
 from contextlib import contextmanager
 
+import torch
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -141,6 +142,20 @@ def rss_bytes() -> int | None:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
+
+
+@contextmanager
+def on_one_thread(yes: bool):
+    """torch's intra-op threads set to one inside the block if `yes` (and back after it)."""
+    threads = torch.get_num_threads()
+    if not yes or threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def in_a_thread_of_its_own(work):

@@ -22,7 +22,7 @@ from ..wire import protocol as P
 from ..wire.client import PROBE_TIMEOUT
 from ..wire.protocol import Refused
 from ..wire.remote import class_server
-from .endpoint import Endpoint, in_a_thread_of_its_own, rss_bytes
+from .endpoint import Endpoint, in_a_thread_of_its_own, on_one_thread, rss_bytes
 from .faults import Faults
 from .sessions import Limits, Session, Sessions, State
 
@@ -33,17 +33,18 @@ POLL_MS = 100  # how often the loop looks up from the socket to sweep and to sto
 
 
 class TrunkServer:
-    """Serves blocks [a, b) of `model` to any number of clients, one session each."""
+    """Serves blocks [a, b) of `model` to any number of clients, one session each. `lora_seed`: every Trunk LoRA's
+    start (None: a secret one per session); an infer of at most `one_thread_up_to` rows x positions: one thread."""
 
     def __init__(self, model, cuts, bind: str = DEFAULT_BIND, device: str = "cpu", limits: Limits | None = None,
-                 faults: Faults | None = None, curve_dir=None, insecure: bool = False,
-                 lora_seed: int | None = None):  # the Trunk LoRA's start, fixed (None: a secret one per session)
+                 faults: Faults | None = None, curve_dir=None, insecure: bool = False, lora_seed: int | None = None,
+                 one_thread_up_to: int = 0):
         self.endpoint = Endpoint(bind, curve_dir, insecure)  # the address checked now, bound when serving starts
         self.name, self.hidden_size = model.config.name_or_path, model.config.hidden_size
         self.cuts = check_cuts(cuts, model.config.num_hidden_layers)
         self.fingerprint = fingerprint(model, self.cuts)  # what the handshake compares, not the name
         self.device = torch.device(device)
-        self.limits, self.faults = limits or Limits(), faults or Faults()
+        self.limits, self.faults, self.one_thread_up_to = limits or Limits(), faults or Faults(), one_thread_up_to
         self.identity = dict(model=self.name, cuts=list(self.cuts), hidden_size=self.hidden_size,
                              fingerprint=self.fingerprint, device=str(self.device), limits=vars(self.limits),
                              batch_window_ms=None)  # a BatchingServer's window: results then within float rounding
@@ -166,10 +167,10 @@ class TrunkServer:
     def _infer(self, session: Session, header: dict, tensors: list) -> list:
         gen = P.generation(header)
         try:
-            (h1,) = self._hidden(tensors, (1,))              # (B, T, d): the new positions of one generation
-            start = P.start(header)
+            (h1,), start = self._hidden(tensors, (1,)), P.start(header)  # (B, T, d): a generation's new positions
             pad = P.padding(header, h1.shape[0], start + h1.shape[1])
-            h2 = self.sessions.infer(session, gen, start, pad, h1.to(self.device, torch.float32))
+            with on_one_thread(h1.shape[0] * h1.shape[1] <= self.one_thread_up_to):
+                h2 = self.sessions.infer(session, gen, start, pad, h1.to(self.device, torch.float32))
         except Refused:
             self.sessions.release(session, gen)              # a refused step leaves no cache to go wrong with
             raise
