@@ -325,3 +325,22 @@ def test_the_server_waits_for_students_who_keep_a_pace_and_not_for_one_who_stopp
     assert server.sessions.active() == 0
     release(steady, 4)
     assert server.sessions.active() == 1  # the one that came back, at its new pace of about 0.2 s
+
+
+def test_joined_forwards_stay_within_the_token_limit_and_a_retry_is_answered_from_its_kept_reply(llama):
+    """Forwards of 1x3, 2x5 and 1x7 positions: joined, every row as long as the longest. Within max_tokens = 16 the
+    first two join (3 rows x 5 = 15), the third would make 4 x 7 = 28 and is served alone; a forward sent again
+    gets the reply it got, and is not run twice (its state is the same)."""
+    batched = BatchingServer(llama, CUTS, bind="tcp://127.0.0.1:*", limits=Limits(max_tokens=16))
+    sessions = training_sessions(llama, batched, [P.FULL, P.FULL, P.FULL])
+    sent = requests(llama, sessions, P.FORWARD, 1)
+    sent[2] = ({k: v for k, v in sent[2][0].items() if k != "pad"}, sent[2][1][:1])  # 1 x 7, no padding
+    endpoint = Recording()
+    messages = [([h["session"].encode()], encode(h, [x])) for h, x in sent]
+    serve_waiting(batched, endpoint, messages)
+    assert batched.joined == {"forwards": 1} and batched.counters["batched"] == 2
+    assert all(codec.decode(endpoint.sent[sid.encode()])[0]["ok"] for sid in sessions)
+    first, state = endpoint.sent[b"0" * 32], batched.sessions.get("0" * 32).states[7]
+    serve_waiting(batched, endpoint, messages[:2])  # the same two again: retries
+    assert batched.joined == {"forwards": 1} and endpoint.sent[b"0" * 32] is first
+    assert batched.sessions.get("0" * 32).states[7] is state
