@@ -3,15 +3,17 @@
 A student here is a replay client: it sends what a real client sends, with random tensors of the right shapes (no
 Bottom, no Top), so that its own compute is small and the figure is the server's (in a class every student computes
 on their own machine). `trunk_server.py` runs in a process of its own on loopback, once serving one request at a time
-and once with `--batch-window-ms` (one-token generation steps of different students that wait together go through
-the Trunk as one batch). For each class size n: the same work done by the n students one after another ("serial",
-what a server that never overlaps students gives) and by all n at once ("together").
+and once with `--batch-window-ms` (requests of different students that wait together go through the Trunk as one
+batch). For each class size n: the same work done by the n students one after another ("serial", what a server that
+never overlaps students gives) and by all n at once ("together").
 
   generation: a prompt of --prompt tokens (start 0), then --new one-token steps, per student;
-  training:   --steps steps of a `full` forward (kept for its backward) and backward of 1 × --tokens tokens.
+  training:   --steps steps of a forward (kept for its backward) and backward of --rows × --tokens tokens, in
+              `full` and in `full+trunk` (with the step of the student's Trunk LoRA).
 
     python bench/capacity.py                       # SmolLM2, cuts (10, 20), classes of 1 2 4 8
     python bench/capacity.py --pin                 # the server on a core of its own (capacity-pinned.md)
+    python bench/capacity.py --pin --rows 8 --tokens 24 --work training "training full+trunk"  # 04's batch size
 """
 
 import argparse
@@ -54,8 +56,8 @@ def training(c: TrunkClient, d: int, args, seed: int, trunk_lora: bool = False) 
     g = torch.Generator().manual_seed(seed)
     for _ in range(args.steps):
         key = c.new_key()
-        c.forward(torch.randn(1, args.tokens, d, generator=g), key=key)
-        c.backward(torch.randn(1, args.tokens, d, generator=g) * 1e-3, key=key)
+        c.forward(torch.randn(args.rows, args.tokens, d, generator=g), key=key)
+        c.backward(torch.randn(args.rows, args.tokens, d, generator=g) * 1e-3, key=key)
         if trunk_lora:
             c.step()
     return args.steps
@@ -111,6 +113,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--work", nargs="+", choices=list(WORK), default=list(WORK))
     p.add_argument("--tokens", type=int, default=16)
+    p.add_argument("--rows", type=int, default=1, help="rows of a training step (its file is named by the size "
+                   "unless it is 1 x 16)")
     p.add_argument("--window", type=float, default=2.0, help="the batching server's --batch-window-ms")
     p.add_argument("--server-device", default="cpu")
     p.add_argument("--pin", action="store_true", help="the server on core 0 with one thread, the students on the "
@@ -145,13 +149,14 @@ def main(argv=None):
 (its OpenMP threads passive, as it sets them); {where}. The students are replay clients (random tensors of the
 right shapes, no model of their own): "together", each in a process of its own; "serial", one after another in one
 process. Generation: a prompt of {args.prompt} tokens, then {args.new} one-token steps per student; training:
-{args.steps} steps of 1 × {args.tokens} tokens per student (a forward kept for its backward, the backward, and in
-`full+trunk` the step of the student's own Trunk LoRA, r = 8); each student's handshake is made before the clock
-starts. Batching (`--batch-window-ms {args.window:g}`) joins the one-token generation steps, the kept forwards and
-the backwards of different students that wait together, and waits for more only while other sessions are active,
-until each has sent. One run of each (no repeats): a figure moves by about a tenth from run to run.
+{args.steps} steps of {args.rows} × {args.tokens} tokens per student (a forward kept for its backward, the backward,
+and in `full+trunk` the step of the student's own Trunk LoRA, r = 8); each student's handshake is made before the
+clock starts. Batching (`--batch-window-ms {args.window:g}`) joins the one-token generation steps, the kept forwards
+and the backwards of different students that wait together, and waits for more only while other students' next
+requests are due, until each has sent. One run of each (no repeats): a figure moves by about a tenth from run to run.
 """
-    write_table("capacity-pinned" if args.pin else "capacity",
+    size = "" if (args.rows, args.tokens) == (1, 16) else f"-{args.rows}x{args.tokens}"  # a training step's size
+    write_table(("capacity-pinned" if args.pin else "capacity") + size,
                 "One trunk server for a class, the server alone: throughput by class size",
                 ["work", "batching", "students", "unit", "serial", "together", "together / serial"], rows, notes,
                 out=args.out and Path(args.out))

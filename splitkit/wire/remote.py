@@ -19,7 +19,7 @@ from .keys import CURVE_ENV, TRUNK_ENV, class_keys
 def class_server(model, cuts, timeout: float = PROBE_TIMEOUT, exact: bool = False) -> tuple[str | None, str]:
     """($SPLITKIT_TRUNK, a line that says so) if that server runs the Trunk of `model` split at `cuts`; (None, why
     not) if it is not set, does not answer one `stats` within `timeout` seconds, or runs other cuts or another model,
-    or, with `exact` (a lesson whose checks compare bit for bit), if it batches students' requests together."""
+    or, with `exact` (a lesson whose checks compare bit for bit or within 1e-5), if it batches students' requests."""
     address = os.environ.get(TRUNK_ENV)
     if not address:
         return None, f"${TRUNK_ENV} is not set"
@@ -43,7 +43,7 @@ def class_server(model, cuts, timeout: float = PROBE_TIMEOUT, exact: bool = Fals
         return None, f"{where} runs {stats['model']} with other weights in blocks [{cuts[0]}, {cuts[1]})"
     if exact and stats.get("batch_window_ms") is not None:
         return None, (f"{where} runs classmates' requests together with yours (--batch-window-ms), equal to yours "
-                      f"alone within float rounding; this lesson compares bit for bit")
+                      f"alone within float rounding; this lesson's checks compare more closely")
     return address, f"using {where} ({stats['model']}, cuts {cuts})"
 
 
