@@ -8,10 +8,11 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-def run(script: str, *args: str, out: Path) -> str:
+def run(script: str, *args: str, out: Path, name: str | None = None) -> str:
+    """The table the script wrote: name.md (default: the script's name)."""
     subprocess.run([sys.executable, script, *args, "--out", str(out)], cwd=BENCH, check=True, timeout=600,
                    capture_output=True, text=True)
-    return (out / f"{Path(script).stem}.md").read_text()
+    return (out / f"{name or Path(script).stem}.md").read_text()
 
 
 def table(text: str) -> list[list[str]]:
@@ -104,6 +105,17 @@ def test_privacy_bench_measures_each_defence_against_its_attacks(tmp_path):
     assert [r[0] for r in overhead][0] == "none" and len(overhead) == 5 and overhead[0][3] == "1.00×"
     sweep = table((tmp_path / "privacy-cuts.md").read_text())
     assert [r[0] for r in sweep] == ["1", "3"] and all(r[1] == "100%" and r[2] == "2/2" for r in sweep)
+
+
+def test_quiet_bench_reads_exactly_through_a_server_that_answers_zeros_and_the_audit_catches_it(tmp_path):
+    text = run("quiet.py", "--model", "tiny-llama", "--cuts", "2", "4", "--steps", "3", "--seeds", "2", "--scales",
+               "1", "0", "--sentences", "2", "--budget", "32", "--fit-tokens", "256", "--share", "1",
+               out=tmp_path, name="privacy-quiet")
+    honest, silent = table(text)
+    assert honest[0] == "honest" and silent[0] == "quiet(0)"
+    assert silent[1] == "0" and silent[3] == "100%" and honest[3] == "0%"  # its Bottom public: read exactly
+    assert silent[6] == "100%" and silent[7] == "6 of 6" and silent[8] == "1, 1"  # every step flagged, both checks
+    assert honest[6] == "0%" and honest[7] == "0 of 6" and honest[8] == "never"  # no false alarm
 
 
 def test_capacity_bench_serves_each_class_serially_and_together_with_and_without_batching(tmp_path):

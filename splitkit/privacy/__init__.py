@@ -1,7 +1,8 @@
 """What the trunk server can read, measured: the attacks a curious or malicious server can run on what crosses
 the wire (`attacks`: white-box search, answer matching, a shadow Bottom) and the probes notebook 06 and the privacy
 benchmark are made of (`probes`: inversions, label probes, curious and steering servers), and the replay of a
-client's training by a server that knows its seed (`replay`).
+client's training by a server that knows its seed (`replay`); the quiet malicious server and the client's audit of
+the dL/dh1 it answers (`quiet`).
 
 It imports the core, the wire, the client's training (its defences) and the trunk server, whose ops the probes
 run directly; nothing below imports it.
@@ -23,9 +24,10 @@ from .probes import (
                      recovery,
                      top_logits,
 )
+from .quiet import GradientAudit, quiet
 from .replay import Replay, replay
 
-__all__ = ["SECRETS", "SENTENCES", "CuriousServer", "Replay", "SteeringServer", "answer_match", "encode_sentences",
-           "fit_inversions", "gradient_reach", "hidden_by_cut", "label_probe", "linear_read", "nearest_tokens",
-           "recovered_tokens", "recovery", "replay", "secret_positions", "secrets_recovered", "shadow_bottom",
-           "top_logits", "whitebox_search"]
+__all__ = ["SECRETS", "SENTENCES", "CuriousServer", "GradientAudit", "Replay", "SteeringServer", "answer_match",
+           "encode_sentences", "fit_inversions", "gradient_reach", "hidden_by_cut", "label_probe", "linear_read",
+           "nearest_tokens", "quiet", "recovered_tokens", "recovery", "replay", "secret_positions", "secrets_recovered",
+           "shadow_bottom", "top_logits", "whitebox_search"]

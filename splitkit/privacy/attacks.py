@@ -24,6 +24,9 @@ What each attacker knows (the threat model of notebook 06 and the README):
 
   replay              the client's LoRA seed, learning rate and optimizer besides: `privacy.replay` runs a copy of
                       the client's Bottom, reading each step exactly and stepping the copy as the client does.
+  quiet server        malicious: it answers a smaller dL/dh1 (`privacy.quiet`), so that the client's Bottom stays the
+                      public one and the white-box search reads every step exactly; `privacy.quiet.GradientAudit` is
+                      the client's check of what comes back.
 
 Not built here: feature-space hijacking (Pasquini et al., "Unleashing the tiger", 2021), where a malicious
 server trains the client's Bottom towards an invertible space it chose; inversion by a trained decoder on
