@@ -59,7 +59,7 @@ lint: setup
 
 # Benchmarks: tables in bench/results/ (about 2 hours on 2 CPU cores; network.py needs root for its rate limit)
 bench: setup
-	cd bench && for b in wire step compression generation classroom capacity privacy quiet startup notebooks network; do $(abspath $(PY)) $$b.py || exit 1; done
+	cd bench && for b in wire step compression generation classroom capacity privacy quiet trunk_knows startup notebooks network; do $(abspath $(PY)) $$b.py || exit 1; done
 
 clean:
 	rm -rf $(VENV) runs screenshots assignments

@@ -118,6 +118,16 @@ def test_quiet_bench_reads_exactly_through_a_server_that_answers_zeros_and_the_a
     assert honest[6] == "0%" and honest[7] == "0 of 6" and honest[8] == "never"  # no false alarm
 
 
+def test_trunk_knows_bench_asks_the_public_model_the_servers_trunk_lora_and_the_clients_whole(tmp_path):
+    text = run("trunk_knows.py", "--model", "tiny-llama", "--cuts", "2", "4", "--steps", "4", "--seeds", "2",
+               out=tmp_path, name="privacy-trunk")
+    rows = table(text)
+    assert [r[0] for r in rows] == ["public model", "public Bottom and Top, the server's Trunk LoRA",
+                                    "the client's whole model"]
+    loss = [float(r[2].split()[0]) for r in rows]
+    assert loss[0] > loss[1] > loss[2]  # the server's adapter learned part of what the client's whole model did
+
+
 def test_capacity_bench_serves_each_class_serially_and_together_with_and_without_batching(tmp_path):
     rows = table(run("capacity.py", "--model", "tiny-llama", "--cuts", "2", "4", "--classes", "1", "3", "--new", "4",
                      "--steps", "1", out=tmp_path))

@@ -4,7 +4,7 @@ and the servers that look."""
 import pytest
 import torch
 
-from splitkit import Learner, LoraSpec, load_model, split_model
+from splitkit import Learner, LoraSpec, TrunkServer, load_model, split_model
 from splitkit.core.split import Bottom
 from splitkit.privacy.probes import (
     SENTENCES,
@@ -19,6 +19,7 @@ from splitkit.privacy.probes import (
     recovered_tokens,
     recovery,
 )
+from splitkit.privacy.replay import trunk_alone
 from splitkit.training.testing import max_rel_diff, random_batch
 from splitkit.training.train import criterion
 
@@ -132,3 +133,22 @@ def test_a_steering_server_turns_the_bottoms_gradient_around(tiny_llama, start):
         learner.forward_backward(batch)
         forged = {k: g for k, g in learner.lora_grads().items() if k in honest}
     assert len(honest) > 0 and max_rel_diff(forged, honest) < 1e-6
+
+
+def test_the_servers_trunk_lora_alone_has_learned_from_the_clients_batch(tiny_llama, start):
+    model, _ = tiny_llama
+    _, address = start(TrunkServer, model, CUTS)
+    batch, spec = random_batch(model.config.vocab_size, seq=12, seed=1), LoraSpec(seed=1)
+    with Learner(model, mode="full+trunk", cuts=CUTS, address=address, lr=1e-2, lora=spec) as learner:
+        for _ in range(10):
+            learner.step(batch)
+        trunk = learner.client.trunk_lora()
+    alone, public = trunk_alone(model, CUTS, spec, trunk), Learner(model, mode="local", cuts=CUTS, lora=spec)
+    state = alone.lora_state()
+    assert max_rel_diff({n: state[n] for n in trunk}, trunk) == 0  # the server's Trunk LoRA, as it holds it
+    assert all(float(w.abs().max()) == 0 for n, w in state.items()
+               if n not in trunk and n.endswith("lora_B"))  # no LoRA of the client's
+    with torch.no_grad():
+        loss = {name: float(criterion(m.logits(batch["input_ids"]), batch["labels"])) for name, m in
+                (("alone", alone), ("public", public))}
+    assert loss["alone"] < loss["public"] - 0.1  # the server's own adapter has learned the client's batch

@@ -8,6 +8,9 @@ its own. Every step is then read as step 0 is read through the public Bottom. Wi
 client's Bottom after the first step, and the search says so: positions it cannot explain.
 
 A Bottom whose LoRA starts at B = 0 is the public one at step 0 whatever the seed; the seed decides everything after.
+
+In `full+trunk` the server needs no seed to hold something of the client's data: the Trunk LoRA trained on it is
+the server's own. `trunk_alone` puts it between the public Bottom and Top, a model the server can ask on its own.
 """
 
 import copy
@@ -17,7 +20,7 @@ import torch
 
 from ..core.lora import LoraSpec, add_lora
 from ..core.split import split_model
-from ..training.train import adamw
+from ..training.train import Learner, adamw
 from .attacks import whitebox_search
 
 
@@ -49,3 +52,14 @@ def replay(model, cuts, lora: LoraSpec, lr: float, seen, **search) -> Replay:
             bottom(ids).backward(g1)
             optimizer.step()
     return out
+
+
+def trunk_alone(model, cuts, lora: LoraSpec, trunk: dict) -> Learner:
+    """The public model with only the Trunk LoRA of a `full+trunk` run, `trunk` ({name: tensor}, as the server holds
+    it and `TrunkClient.trunk_lora()` reads it), and no LoRA of the client's: a `local` Learner, to evaluate."""
+    learner = Learner(model, mode="local", cuts=cuts, lora=lora)
+    state = {name: torch.zeros_like(w) if name.endswith("lora_B") else w for name, w in learner.lora_state().items()}
+    if trunk.keys() - state.keys():
+        raise ValueError(f"not a Trunk LoRA of these cuts: {sorted(trunk.keys() - state.keys())[:3]}")
+    learner.load_lora({**state, **trunk})
+    return learner
