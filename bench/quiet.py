@@ -59,11 +59,12 @@ def one_run(model, tokenizer, scale: float, seed: int, public, inversion, args) 
         explained += int((found["explained"] & (found["ids"] == ids[s, :n])).sum())
     moved = ((sent - base).norm(dim=-1) / base.norm(dim=-1))[mask.bool()]
     audited = [c for c in checks if c["audited"]]
-    flagged = [i for i, c in enumerate(checks) if c["ratio_flag"] or c["audit_flag"]]
+    first = {kind: next((i + 1 for i, c in enumerate(checks) if c[f"{kind}_flag"]), None)
+             for kind in ("ratio", "audit")}
     return {"moved": float(moved.median()), "read": read / int(mask.sum()), "exact": explained / int(mask.sum()),
             "loss": loss, "match": exact, "ratio_flags": sum(c["ratio_flag"] for c in checks) / len(checks),
             "audit_flags": sum(c["audit_flag"] for c in audited), "audited": len(audited),
-            "first": flagged[0] + 1 if flagged else None}
+            "first": first}
 
 
 def spread(values, fmt) -> str:
@@ -78,8 +79,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=24, help="training steps of 8 facts")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seeds", type=int, default=3, help="runs of each server (data order; LoRA starts are secret)")
-    p.add_argument("--scales", nargs="*", type=float, default=[1, 1e-2, 1e-4, 1e-6, 0],
-                   help="what the server scales dL/dh1 by (1: honest)")
+    p.add_argument("--scales", nargs="*", type=float, default=[1, 1e-2, 1e-4, 1e-6, 0, -1],
+                   help="what the server scales dL/dh1 by (1: honest; -1: negated, its norm kept)")
     p.add_argument("--share", type=float, default=0.25, help="the share of steps the client audits")
     p.add_argument("--widen", type=float, default=4.0, help="the ratio check's range, widened this much either way")
     p.add_argument("--calibrate", type=int, default=4, help="the client's own batches its ratio range comes from")
@@ -95,8 +96,7 @@ def main(argv=None):
     rows = []
     for scale in args.scales:
         runs = [one_run(model, tokenizer, scale, seed, public, inversion, args) for seed in range(args.seeds)]
-        firsts = [r["first"] for r in runs]
-        rows.append(["honest" if scale == 1 else f"quiet({scale:g})",
+        rows.append([{1: "honest", -1: "negated (×−1)"}.get(scale, f"quiet({scale:g})"),
                      spread([r["moved"] for r in runs], lambda v: f"{v:.2g}"),
                      spread([r["read"] for r in runs], lambda v: f"{v:.0%}"),
                      spread([r["exact"] for r in runs], lambda v: f"{v:.0%}"),
@@ -104,24 +104,25 @@ def main(argv=None):
                      spread([r["match"] for r in runs], lambda v: f"{v:.0%}"),
                      spread([r["ratio_flags"] for r in runs], lambda v: f"{v:.0%}"),
                      f"{sum(r['audit_flags'] for r in runs)} of {sum(r['audited'] for r in runs)}",
-                     "never" if all(f is None for f in firsts) else ", ".join("never" if f is None else str(f)
-                                                                             for f in firsts)])
+                     *(", ".join("never" if r["first"][kind] is None else str(r["first"][kind]) for r in runs)
+                       for kind in ("ratio", "audit"))])
         print(rows[-1], flush=True)
     a, b = args.cuts
     write_table("privacy-quiet", "The quiet malicious server against the client's audit", [
         "server", "h1 moved", "tokens read", "read exactly", "task loss", "exact match", "ratio flags",
-        "audit flags, all runs", "first flagged step"], rows, f"""
+        "audit flags, all runs", "first ratio flag", "first audit flag"], rows, f"""
 {args.model}, cuts ({a}, {b}), `full`, AdamW at lr {args.lr:g}, {args.steps} steps of 8 facts; {args.seeds} runs of
 each server (data orders 0..{args.seeds - 1}, secret LoRA starts), median (range). "quiet(s)": the server answers
-s·dL/dh1 (0: zeros). "h1 moved": the median token's ‖h1 − public h1‖ / ‖public h1‖ on the {args.sentences} private
-sentences after training; "tokens read": the white-box search through the public Bottom (inversion fitted on
-{args.fit_tokens} random tokens, at most {args.budget} candidates a position, the whole vocabulary for quiet(0), whose
-server knows the Bottom is the public one); "read exactly": read, and h1 equal to
+s·dL/dh1 (0: zeros); "negated": −dL/dh1, a forgery whose norm is the honest one. "h1 moved": the median token's
+‖h1 − public h1‖ / ‖public h1‖ on the {args.sentences} private sentences after training; "tokens read": the
+white-box search through the public Bottom (inversion fitted on {args.fit_tokens} random tokens, at most
+{args.budget} candidates a position, the whole vocabulary for quiet(0), whose server knows the Bottom is the public
+one); "read exactly": read, and h1 equal to
 the public Bottom's within rounding, so the attacker knows it is right. The client's checks
 (`splitkit.privacy.quiet.GradientAudit`): "ratio flags", the share of steps whose ‖dL/dh1‖ / ‖dL/dh2‖ left the
 range of {args.calibrate} batches of its own through its own public Trunk, widened {args.widen:g}× either way;
 "audit flags", of all runs' audited steps (a secret {args.share:.0%} share of each run's), those whose dL/dh1
-differs from the client's own by more than 10⁻³ relative; "first flagged step": by either check, per run.
+differs from the client's own by more than 10⁻³ relative; "first … flag": the step each check first flagged, per run.
 On the honest server every flag is a false alarm.
 """, out=args.out)
 

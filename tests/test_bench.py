@@ -108,14 +108,16 @@ def test_privacy_bench_measures_each_defence_against_its_attacks(tmp_path):
 
 
 def test_quiet_bench_reads_exactly_through_a_server_that_answers_zeros_and_the_audit_catches_it(tmp_path):
-    text = run("quiet.py", "--model", "tiny-llama", "--cuts", "2", "4", "--steps", "3", "--seeds", "2", "--scales",
-               "1", "0", "--sentences", "2", "--budget", "32", "--fit-tokens", "256", "--share", "1",
+    text = run("quiet.py", "--model", "tiny-llama", "--cuts", "2", "4", "--steps", "4", "--seeds", "2", "--scales",
+               "1", "0", "-1", "--sentences", "2", "--budget", "32", "--fit-tokens", "256", "--share", "0.75",
                out=tmp_path, name="privacy-quiet")
-    honest, silent = table(text)
-    assert honest[0] == "honest" and silent[0] == "quiet(0)"
+    honest, silent, negated = table(text)
+    assert [honest[0], silent[0], negated[0]] == ["honest", "quiet(0)", "negated (×−1)"]
     assert silent[1] == "0" and silent[3] == "100%" and honest[3] == "0%"  # its Bottom public: read exactly
-    assert silent[6] == "100%" and silent[7] == "6 of 6" and silent[8] == "1, 1"  # every step flagged, both checks
-    assert honest[6] == "0%" and honest[7] == "0 of 6" and honest[8] == "never"  # no false alarm
+    flagged = lambda cell: re.fullmatch(r"([1-9]\d*) of \1", cell)  # noqa: E731  every audited step (of 8 drawn at 3/4)
+    assert silent[6] == "100%" and flagged(silent[7]) and silent[8] == "1, 1"  # the ratio check: every step
+    assert negated[6] == "0%" and flagged(negated[7]) and negated[8] == "never, never"  # the norm kept: audit only
+    assert honest[6] == "0%" and re.fullmatch(r"0 of \d+", honest[7]) and honest[8:] == ["never, never"] * 2
 
 
 def test_trunk_knows_bench_asks_the_public_model_the_servers_trunk_lora_and_the_clients_whole(tmp_path):

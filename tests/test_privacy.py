@@ -144,10 +144,6 @@ def test_the_servers_trunk_lora_alone_has_learned_from_the_clients_batch(tiny_ll
             learner.step(batch)
         trunk = learner.client.trunk_lora()
     alone, public = trunk_alone(model, CUTS, spec, trunk), Learner(model, mode="local", cuts=CUTS, lora=spec)
-    state = alone.lora_state()
-    assert max_rel_diff({n: state[n] for n in trunk}, trunk) == 0  # the server's Trunk LoRA, as it holds it
-    assert all(float(w.abs().max()) == 0 for n, w in state.items()
-               if n not in trunk and n.endswith("lora_B"))  # no LoRA of the client's
     with torch.no_grad():
         loss = {name: float(criterion(m.logits(batch["input_ids"]), batch["labels"])) for name, m in
                 (("alone", alone), ("public", public))}

@@ -25,9 +25,9 @@ from .probes import (
                      top_logits,
 )
 from .quiet import GradientAudit, quiet
-from .replay import Replay, replay
+from .replay import Replay, replay, trunk_alone
 
 __all__ = ["SECRETS", "SENTENCES", "CuriousServer", "GradientAudit", "Replay", "SteeringServer", "answer_match",
            "encode_sentences", "fit_inversions", "gradient_reach", "hidden_by_cut", "label_probe", "linear_read",
            "nearest_tokens", "quiet", "recovered_tokens", "recovery", "replay", "secret_positions", "secrets_recovered",
-           "shadow_bottom", "top_logits", "whitebox_search"]
+           "shadow_bottom", "top_logits", "trunk_alone", "whitebox_search"]

@@ -12,9 +12,10 @@ ways, with randomness that is the client's secret.
 
   audit   on a share of steps drawn by the client, it recomputes dL/dh1 through its own copy of the public Trunk
           (one Trunk forward and backward on the client) and flags a relative difference over `tol`. The server
-          cannot tell which steps are audited, so a server that forges every step is caught at the first one.
+          cannot tell which steps are audited: one that forges k steps goes unseen with chance (1 - share)^k.
   ratio   on every step, at no cost: ‖dL/dh1‖ / ‖dL/dh2‖ against the range the client measured through its own
-          Trunk on its own batches (`calibrate`), widened `widen` times either way.
+          Trunk on its own batches (`calibrate`), widened `widen` times either way. It sees only a norm: a forgery
+          that keeps ‖dL/dh1‖ (the server knows it) passes it; only the audit catches that.
 """
 
 import copy
@@ -36,7 +37,7 @@ class _PublicTrunk(torch.nn.Module):
 
     def __init__(self, model, cuts):
         super().__init__()
-        self.trunk = split_model(copy.deepcopy(model), cuts).trunk.requires_grad_(False)
+        self.trunk = copy.deepcopy(split_model(model, cuts).trunk).requires_grad_(False)
 
     def forward(self, h1, pad=None):  # (B, T, d) -> (B, T, d); pad: each row's left padding
         if pad is None:
@@ -54,7 +55,8 @@ class _Tap(torch.nn.Module):
 
     def forward(self, h1, pad=None):  # (B, T, d) -> (B, T, d)
         self.seen = {"h1": h1.detach(), "pad": pad}
-        if h1.requires_grad:
+        if h1.requires_grad:  # an alias, so that the hook sees the Trunk's gradient only (not NoPeek's on h1)
+            h1 = h1.view_as(h1)
             h1.register_hook(lambda g: self.seen.__setitem__("g1", g.detach()))
         h2 = self.trunk(h1, pad=pad)
         if h2.requires_grad:
@@ -70,6 +72,9 @@ class GradientAudit:
     def __init__(self, learner, model, share: float = 0.25, tol: float = 1e-3, widen: float = 4.0, seed=None):
         if learner.mode != "full":
             raise ValueError(f"the audit recomputes the public Trunk: mode 'full' only, got {learner.mode!r}")
+        if learner.client.wire_dtype != "float32":
+            raise ValueError(f"the audit compares to rounding: wire_dtype 'float32' only, got "
+                             f"{learner.client.wire_dtype!r}")
         self.learner, self.share, self.tol, self.widen = learner, share, tol, widen
         self.public = _PublicTrunk(model, learner.cuts)
         self.tap = learner.trunk = _Tap(learner.trunk)
@@ -89,14 +94,15 @@ class GradientAudit:
                 self.learner.forward_backward(batch)
                 ratios.append(self._ratio(self.tap.seen))
         finally:
-            self.tap.trunk = remote
+            self.tap.trunk, self.tap.seen = remote, {}
             self.learner.zero_grad()
         self.range = (min(ratios), max(ratios))
         return self.range
 
     def check(self) -> dict:
-        """The newest step: {"ratio", "ratio_flag", "audited", "audit_flag" (None unless audited), "difference"}."""
-        seen = self.tap.seen
+        """The newest step, once: {"ratio", "ratio_flag", "audited", "audit_flag" (None unless audited),
+        "difference"}."""
+        seen, self.tap.seen = self.tap.seen, {}
         if "g1" not in seen or "g2" not in seen:
             raise RuntimeError("no step to check: call learner.step(batch) first")
         ratio = self._ratio(seen)
@@ -106,6 +112,6 @@ class GradientAudit:
         if out["audited"]:
             h1 = seen["h1"].detach().requires_grad_(True)
             (true,) = torch.autograd.grad(self.public(h1, pad=seen["pad"]), h1, seen["g2"])
-            out["difference"] = float((seen["g1"] - true).norm() / true.norm())
+            out["difference"] = float((seen["g1"] - true).norm() / true.norm().clamp_min(1e-30))
             out["audit_flag"] = out["difference"] > self.tol
         return out
