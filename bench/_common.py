@@ -69,3 +69,9 @@ def timed_step(learner, batch) -> tuple[float, float, int]:
 def bytes_so_far(learner) -> int:
     """Bytes the learner's client has sent and received so far (0 for the unsplit model)."""
     return learner.client.bytes_sent + learner.client.bytes_received if learner.client else 0
+
+
+def spread(values, fmt) -> str:
+    """The median of `values` as `fmt` writes it, and their range in brackets when they differ: "0.33 (0.30–0.35)"."""
+    text = fmt(statistics.median(values))
+    return text if min(values) == max(values) else f"{text} ({fmt(min(values))}–{fmt(max(values))})"

@@ -13,12 +13,11 @@ Bottom's for the token found, within rounding: the attacker knows that it read t
 """
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 
-from _common import RESULTS, write_table
+from _common import RESULTS, spread, write_table
 from splitkit import Learner, load_model
 from splitkit.core.data import batches, facts
 from splitkit.core.models import SMOLLM2
@@ -65,11 +64,6 @@ def one_run(model, tokenizer, scale: float, seed: int, public, inversion, args) 
             "loss": loss, "match": exact, "ratio_flags": sum(c["ratio_flag"] for c in checks) / len(checks),
             "audit_flags": sum(c["audit_flag"] for c in audited), "audited": len(audited),
             "first": first}
-
-
-def spread(values, fmt) -> str:
-    text = fmt(statistics.median(values))
-    return text if min(values) == max(values) else f"{text} ({fmt(min(values))}–{fmt(max(values))})"
 
 
 def main(argv=None):

@@ -9,12 +9,11 @@ public model with the server's Trunk LoRA alone, and for the client's whole mode
 """
 
 import argparse
-import statistics
 from pathlib import Path
 
 import torch
 
-from _common import RESULTS, write_table
+from _common import RESULTS, spread, write_table
 from splitkit import Learner, TrunkServer, load_model
 from splitkit.core.data import batches, facts
 from splitkit.core.models import SMOLLM2
@@ -42,11 +41,6 @@ def one_run(model, tokenizer, seed: int, args) -> dict:
             return out
     finally:
         server.stop()
-
-
-def spread(values, fmt) -> str:
-    text = fmt(statistics.median(values))
-    return text if min(values) == max(values) else f"{text} ({fmt(min(values))}–{fmt(max(values))})"
 
 
 def main(argv=None):
