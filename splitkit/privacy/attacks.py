@@ -24,6 +24,12 @@ What each attacker knows (the threat model of notebook 06 and the README):
 
   replay              the client's LoRA seed, learning rate and optimizer besides: `privacy.replay` runs a copy of
                       the client's Bottom, reading each step exactly and stepping the copy as the client does.
+  tracking            no seed: `privacy.track` reads step 0 through the public Bottom (the client's, B = 0), then at
+                      each step fits a LoRA of its own start to the tokens it read and the h1 that came, and reads
+                      the next step through it.
+  ML decoding         the defence's noise, known in law, not in value: `privacy.ml_decode` scores guesses by the
+                      Gaussian likelihood of what arrived plus the public model's prior, over a beam, with no early
+                      stop, and combines the repeated sends of one text.
   quiet server        malicious: it answers a smaller dL/dh1 (`privacy.quiet`), so that the client's Bottom stays the
                       public one and the white-box search reads every step exactly; `privacy.quiet.GradientAudit` is
                       the client's check of what comes back.
