@@ -1,20 +1,20 @@
-"""The privacy–utility trade-off: each defence at several settings, against the attacks of a server that knows the
-public weights and the defence.
+"""The privacy–utility trade-off: each defence at several settings, against the strongest of the attacks a server has
+that knows the public weights and the defence, and not the client's seeds.
 
 For each setting a `full` client trains LoRA on the kit's 16 facts for a fixed budget, through a curious server
-(splitkit.privacy.probes.CuriousServer) that keeps what it receives. Then:
-- utility: the task's loss on the 16 facts (training) and on 16 facts it never saw (held out), and exact match on
-  the 16, all through the client's parts with its defence on;
+(splitkit.privacy.probes.CuriousServer) that keeps every step's h1, three times (each with its own data order; the
+client's LoRA start and noise are secret). Then:
+- utility: the task's loss and exact match on the 16 facts, loss on 16 facts it never saw (held out) and on plain
+  sentences of common knowledge before and after training, all through the client's parts with its defence on;
 - the input: the client sends the private sentences (splitkit.privacy.probes.SENTENCES) through its trained Bottom and
-  its defence; the server reads them back with the white-box search through the public Bottom (it knows the
-  defence, not the client's LoRA; against NoPeek, which acts through training, it searches through a shadow
-  Bottom it trained the same way on other facts of the same kind) and with the learned inversion refitted
-  through the defence (adaptive);
-  tokens read back exactly, and secrets (splitkit.privacy.probes.SECRETS) read back whole;
+  its defence, several times; the server reads them back with the white-box search through the public Bottom and
+  through the Bottom it tracked over training (`splitkit.privacy.track`), through a shadow Bottom against NoPeek,
+  by maximum-likelihood decoding under noise (`splitkit.privacy.ml_decode`, the sends combined) and by the learned
+  inversion refitted through the defence; tokens read back exactly, and secrets (SECRETS) read back whole, and the
+  strongest of these per setting;
 - the labels: from the last step's dL/dh2 the server picks each row's answer among the task's 16 possible ones
   (splitkit.privacy.attacks.answer_match, under the public Top);
 - the cost: the median step time against no defence's, side by side in the same run.
-Where noise enters, each setting runs with several seeds and the table gives medians (and the range).
 
     python bench/privacy.py            # writes bench/results/privacy.md and privacy.png
 """
@@ -34,11 +34,13 @@ import torch
 
 from _common import RESULTS, in_turns, timed_step, write_table
 from splitkit import Learner, LoraSpec, load_model
-from splitkit.core.data import batches, encode, facts
+from splitkit.core.data import batches, encode, facts, natural
 from splitkit.core.models import SMOLLM2
 from splitkit.core.split import Bottom, split_model
 from splitkit.privacy.attacks import answer_match, linear_read, secrets_recovered, shadow_bottom, whitebox_sentences
+from splitkit.privacy.decoding import ml_sentences
 from splitkit.privacy.probes import SECRETS, SENTENCES, CuriousServer, encode_sentences, fit_inversions
+from splitkit.privacy.tracking import track
 from splitkit.training.defences import Defence
 from splitkit.training.train import criterion, evaluate
 
@@ -52,10 +54,6 @@ def settings(h1_bound: float, g2_bound: float, a: int, depths) -> list[tuple[str
     rows += [("dL/dh2 clip + noise", f"z = {z:g}", a, Defence(g2_clip=g2_bound, g2_noise=z)) for z in (0, 0.1, 0.3, 1)]
     rows += [("max-norm alignment", "-", a, Defence(g2_maxnorm=True))]
     return rows
-
-
-def noisy(defence: Defence) -> bool:
-    return defence.h1_snr is not None or bool(defence.g2_noise) or defence.g2_maxnorm
 
 
 @torch.no_grad()
@@ -72,23 +70,28 @@ def bounds(model, tokenizer, cuts) -> tuple[float, float]:
 
 
 def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args, public) -> dict:
+    """One client trained with `defence` through a curious server that keeps every step's h1, then every attack the
+    server has on what that client sends next. The client's LoRA start and noise are its secrets; `seed` orders its
+    data."""
     server = CuriousServer(model, (a, b), bind="tcp://127.0.0.1:*")
     address = server.start()
     pairs, held_out = facts(), facts("animal")
     answers = [tokenizer(ans, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
                for ans in sorted({ans for _, ans in pairs})]
     try:
-        with Learner(model, mode="full", cuts=(a, b), address=address, lr=args.lr,
-                     defence=replace(defence, seed=seed)) as learner:
-            data, seconds = batches(tokenizer, pairs, 8, seed=seed), []
+        with Learner(model, mode="full", cuts=(a, b), address=address, lr=args.lr, defence=defence) as learner:
+            natural_before, _ = evaluate(learner, tokenizer, natural())
+            data, seconds, observed = batches(tokenizer, pairs, 8, seed=seed), [], []
             for _ in range(args.steps):
                 batch = next(data)
                 server.seen.clear()
                 t0 = time.perf_counter()
                 learner.step(batch)
                 seconds.append(time.perf_counter() - t0)
+                observed.append(server.seen[0][1][0])  # the step's h1, as the server received it
             train_loss, exact = evaluate(learner, tokenizer, pairs)
             held_loss, _ = evaluate(learner, tokenizer, held_out)
+            natural_after, _ = evaluate(learner, tokenizer, natural())
             # the labels: the last step's dL/dh2, and the h2 the server computed for it
             (h1_seen,), (g2_seen,) = server.seen[0][1], server.seen[1][1]
             bottom, trunk, top = public[a]
@@ -97,28 +100,39 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
             truth = [_which(answers, row, p) for row, p in zip(batch["labels"], prompts, strict=True)]
             picked = answer_match(top, h2, g2_seen, prompts, answers)
             labels = sum(x == y for x, y in zip(picked, truth, strict=True)) / len(truth)
-            # the input: the private sentences through the client's trained Bottom and its defence
+            # the input: the private sentences through the client's trained Bottom and its defence, sent `repeats`
+            # times (fresh noise each time), as training sends each fact
             ids, mask = encode_sentences(tokenizer, SENTENCES[:args.sentences])
             with torch.no_grad():
-                sent = learner.guard.h1(learner.bottom(ids))
-        # the attacker's adaptive inversion, fitted with noise of its own: a fixed seed (fit_inversions draws from
-        # seed + 1), so that the table reproduces
-        own = replace(defence, seed=0)
-        inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=own if defence.on else None)[a]
-        if defence.nopeek:  # it acts through training: the attacker trains a shadow Bottom the same way
-            bottom = shadow_bottom(model, tokenizer, (a, b), replace(defence, seed=seed + 100), args.steps, args.lr,
-                                   facts("animal"), seed=seed + 1)
-        read = whitebox_sentences(model, bottom, sent, mask, inversion=inversion, defence=defence,
-                                  budget=args.budget)
-        linear = linear_read(model, sent, inversion, mask)
-        secrets, texts = SECRETS[:args.sentences], SENTENCES[:args.sentences]
-        return {"train": train_loss, "held": held_loss, "exact": exact, "labels": labels,
-                "whitebox": float(((read == ids) & mask).sum() / mask.sum()),
-                "secrets": sum(secrets_recovered(tokenizer, texts, secrets, ids, read)) / len(secrets),
-                "linear": float(((linear == ids) & mask).sum() / mask.sum()),
-                "step_s": statistics.median(seconds[1:])}
+                clean = learner.bottom(ids)
+                sends = torch.stack([learner.guard.h1(clean) for _ in range(args.repeats)])  # (n, S, T, d)
     finally:
         server.stop()
+    read = {}
+
+    def score(name, got):
+        read[name] = float(((got == ids) & mask).sum() / mask.sum())
+        read[name + " secrets"] = sum(secrets_recovered(tokenizer, SENTENCES[:args.sentences],
+                                                        SECRETS[:args.sentences], ids, got)) / len(ids)
+
+    # the attacker's adaptive inversion, fitted with noise of its own at the noise of one send
+    inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=defence if defence.on else None)[a]
+    search = {"inversion": inversion, "defence": defence, "budget": args.budget}
+    score("public", whitebox_sentences(model, bottom, sends[0], mask, **search))
+    every = observed[(len(observed) - 1) % args.track_every::args.track_every]  # the last step always
+    tracked = track(model, (a, b), every, fit_steps=args.fit_steps, margin=0.5, **search).bottom
+    score("tracked", whitebox_sentences(model, tracked, sends[0], mask, **search))
+    if defence.nopeek:  # it acts through training: the attacker also trains a shadow Bottom the same way
+        shadow = shadow_bottom(model, tokenizer, (a, b), defence, args.steps, args.lr, facts("animal"), seed=seed + 1)
+        score("shadow", whitebox_sentences(model, shadow, sends[0], mask, **search))
+    if defence.h1_snr is not None:  # noise: the likelihood, one send and all of them
+        several = replace(defence, h1_snr=defence.h1_snr * args.repeats)  # the mean of n sends: n times the SNR
+        mean_inv = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=several)[a]
+        score("ML, 1 send", ml_sentences(model, tracked, sends[:1], mask, defence, inversion=inversion))
+        score(f"ML, {args.repeats} sends", ml_sentences(model, tracked, sends, mask, defence, inversion=mean_inv))
+    score("inversion", linear_read(model, sends[0], inversion, mask))
+    return {"train": train_loss, "held": held_loss, "exact": exact, "labels": labels, "natural_before":
+            natural_before, "natural_after": natural_after, "step_s": statistics.median(seconds[1:]), "read": read}
 
 
 def _which(answers, row, start) -> int:
@@ -133,11 +147,10 @@ def pareto(points) -> list[int]:
 
 
 def fmt(values, pct=True) -> str:
-    med = statistics.median(values)
-    text = f"{med:.0%}" if pct else f"{med:.2f}"
-    if len(values) > 1 and min(values) != max(values):
-        text += f" ({min(values):.0%}–{max(values):.0%})" if pct else f" ({min(values):.2f}–{max(values):.2f})"
-    return text
+    """The median, and the range in brackets where it shows at this precision."""
+    one = (lambda v: f"{v:.0%}") if pct else (lambda v: f"{v:.2f}")
+    low, high = one(min(values)), one(max(values))
+    return one(statistics.median(values)) + (f" ({low}–{high})" if low != high else "")
 
 
 def sweep(model, tokenizer, b: int, args) -> tuple[list[list], float]:
@@ -202,7 +215,10 @@ def main(argv=None):
     p.add_argument("--cuts", nargs=2, type=int, default=(10, 20))
     p.add_argument("--steps", type=int, default=24, help="training steps of 8 facts (the fixed budget)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seeds", type=int, default=3, help="seeds for each setting where noise enters")
+    p.add_argument("--seeds", type=int, default=3, help="runs of each setting")
+    p.add_argument("--repeats", type=int, default=12, help="times the client sends each private sentence")
+    p.add_argument("--fit-steps", type=int, default=30, help="least-squares steps of the tracker a step it reads")
+    p.add_argument("--track-every", type=int, default=6, help="the tracker reads every k-th step, the last included")
     p.add_argument("--sentences", type=int, default=6, help="private sentences the server reads back")
     p.add_argument("--budget", type=int, default=320, help="white-box candidates per position at most")
     p.add_argument("--fit-tokens", type=int, default=6144, help="random tokens the inversions are fitted on")
@@ -233,38 +249,62 @@ one server, in turns after a round of warm-up. Median and range over the steps.
     public = {c: (Bottom(model, c), *split_model(model, (c, b))[1:]) for c in {r[2] for r in rows_spec}}
     results, baseline_s = [], None
     for name, setting, cut, defence in rows_spec:
-        runs = [one_run(model, tokenizer, cut, b, defence, seed, args, public)
-                for seed in range(args.seeds if noisy(defence) else 1)]
+        runs = [one_run(model, tokenizer, cut, b, defence, seed, args, public) for seed in range(args.seeds)]
+        attacks = [k for k in runs[0]["read"] if not k.endswith("secrets")]  # the strongest: the most, at its median
+        best = max(attacks, key=lambda k: (statistics.median(r["read"][k] for r in runs), k != "inversion"))
+        for r in runs:
+            r["strongest"], r["secrets"], r["attack"] = r["read"][best], r["read"][best + " secrets"], best
         if name == "none":
             baseline_s = statistics.median(r["step_s"] for r in runs)
         results.append((name, setting, cut, runs))
-        print(name, setting, {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]}, flush=True)
-    points = [(statistics.median(r["whitebox"] for r in runs), statistics.median(r["exact"] for r in runs))
+        print(name, setting, best, {k: round(statistics.median(r["read"][k] for r in runs), 3) for k in attacks},
+              {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0] if k not in ("read", "attack")},
+              flush=True)
+    points = [(statistics.median(r["strongest"] for r in runs), statistics.median(r["exact"] for r in runs))
               for *_, runs in results]
     front = set(pareto(points))
     label_points = [(statistics.median(r["labels"] for r in runs), y) for (*_, runs), (_, y) in zip(results, points,
                                                                                                   strict=True)]
+    shown = ["public", "tracked", "shadow", "ML, 1 send", f"ML, {args.repeats} sends", "inversion"]
     table = []
     for i, (name, setting, cut, runs) in enumerate(results):
-        col = {k: [r[k] for r in runs] for k in runs[0]}
-        table.append([name, setting, cut, len(runs), fmt(col["train"], False), fmt(col["held"], False),
-                      fmt(col["exact"]), fmt(col["whitebox"]), fmt(col["secrets"]), fmt(col["linear"]),
-                      fmt(col["labels"]),
-                      f"{statistics.median(col['step_s']) / baseline_s:.2f}×" if baseline_s else "-",
-                      "yes" if i in front else ""])
+        col = {k: [r[k] for r in runs] for k in runs[0] if k not in ("read", "attack")}
+        reads = [fmt([r["read"][k] for r in runs]) if k in runs[0]["read"] else "" for k in shown]
+        natural_loss = f"{fmt(col['natural_before'], False)} → {fmt(col['natural_after'], False)}"
+        step = f"{statistics.median(col['step_s']) / baseline_s:.2f}×" if baseline_s else "-"
+        strongest = f"**{fmt(col['strongest'])}** ({runs[0]['attack']})"
+        table.append([name, setting, cut, len(runs), fmt(col["train"], False), fmt(col["exact"]),
+                      fmt(col["held"], False), natural_loss, *reads, strongest,
+                      fmt(col["secrets"]), fmt(col["labels"]), step, "yes" if i in front else ""])
     notes = f"""
 {args.model}, cuts ({a}, {b}) unless the row says otherwise, `full` mode, {args.steps} steps of 8 of the kit's 16
-facts at lr {args.lr}. h1 clipping bound {h1_bound:.1f} (the 90th percentile of h1's token norms on the task,
-untrained), dL/dh2 clipping bound {g2_bound:.2e} (the median row norm at step 0). Seeds: {args.seeds} where noise
-enters (median, range in brackets), else 1. The white-box search tries at most {args.budget} candidates per
-position, in the order of the refitted inversion, then keeps the nearest; it reads {args.sentences} private sentences.
-"Pareto" marks the settings that no other beats on both white-box token recovery (lower) and exact match
-(higher). Step time is the median step against the undefended run's in the same run.
+facts at lr {args.lr}; {args.seeds} runs a row (median, range in brackets), each with its own data order and with the
+client's LoRA start and noise secret (drawn from the operating system). h1 clipping bound {h1_bound:.1f} (the 90th
+percentile of h1's token norms on the task, untrained), dL/dh2 clipping bound {g2_bound:.2e} (the median row norm at
+step 0). Utility: loss and exact match on the 16 facts, loss on 16 facts it never saw (held out) and on 16 plain
+sentences of common knowledge before and after training (`splitkit.core.data.natural`), each through the client's
+parts with its defence on.
+
+What the server reads: after training the client sends {args.sentences} private sentences {args.repeats} times (fresh
+noise each time, as training sends each fact 12 times); tokens read back exactly. Every attacker knows the public
+weights and the defence with its setting, none the client's seeds. *public*: the white-box search through the public
+Bottom, at most {args.budget} candidates per position in the order of the inversion refitted through the defence;
+*tracked*: the same through a Bottom the server fitted to what it saw (`splitkit.privacy.track` on every
+{args.track_every}th step, the last included, {args.fit_steps} least-squares steps each); *shadow* (NoPeek): through a
+Bottom the server trained the same way on other facts;
+*ML* (noise on h1): maximum-likelihood decoding with the public model's prior through the tracked Bottom
+(`splitkit.privacy.ml_decode`, beam 4, 32 + 32 candidates a position and up to 256 where nothing explains h1), one
+send and all of them; *inversion*: the refitted linear inversion alone. **strongest**: the attack with the highest
+median on that row, and its secrets read whole. Each is a lower bound of what such a server reads, for the budgets
+said. Labels: from the last step's dL/dh2 the server picks each row's answer among the task's 16
+(`answer_match`). "Pareto": no other setting beats it on both the strongest read (lower) and exact match (higher).
+Step time: the median step against the undefended run's in the same run.
 """
-    columns = ["defence", "setting", "a", "seeds", "train loss", "held-out loss", "exact match", "white-box tokens",
-               "secrets", "adaptive inversion tokens", "labels (answer match)", "step time", "Pareto"]
-    write_table(args.name, "Privacy against utility: each defence against the attacks that know it", columns, table,
-                notes, out=args.out)
+    columns = ["defence", "setting", "a", "runs", "train loss", "exact match", "held-out loss",
+               "natural text loss", *[f"read: {k}" for k in shown], "read: strongest", "secrets", "labels",
+               "step time", "Pareto"]
+    write_table(args.name, "Privacy against utility: each defence against the strongest attacker that knows it",
+                columns, table, notes, out=args.out)
     figure(results, points, label_points, args.out / f"{args.name}.png")
     if args.sweep_cuts:
         rows, exact = sweep(model, tokenizer, b, args)
@@ -293,7 +333,7 @@ def figure(results, points, label_points, path: Path):
         xs = sorted(plane[i] for i in pareto(plane))
         ax.step([p[0] for p in xs], [p[1] for p in xs], where="post", color="black", lw=1, ls="--",
                 label="Pareto front")
-    axes[0].set(xlabel="tokens the white-box server reads back", ylabel="exact match on the task",
+    axes[0].set(xlabel="tokens the strongest attacker reads back", ylabel="exact match on the task",
                 title="The input: utility against what the server reads")
     axes[1].set(xlabel="rows whose answer the server reads from dL/dh2", ylabel="exact match on the task",
                 title="The labels: utility against what the server reads")

@@ -87,19 +87,29 @@ def test_network_bench_measures_each_rate_or_says_why_not(tmp_path):
     assert float(rows[-1][3]) < 0.6 * float(rows[-1][2])  # float16 halves the tensors' bytes
 
 
-def test_privacy_bench_measures_each_defence_against_its_attacks(tmp_path):
+def test_privacy_bench_measures_each_defence_against_the_strongest_of_its_attacks(tmp_path):
     text = run("privacy.py", "--model", "tiny-llama", "--cuts", "2", "4", "--depths", "1", "--steps", "2",
-               "--seeds", "2", "--sentences", "2", "--fit-tokens", "512", "--only", "none", "cut depth",
-               "h1 clip + noise", "dL/dh2 clip + noise", "--sweep-cuts", "1", "3", out=tmp_path)
-    rows = {(r[0], r[1]): r for r in table(text)}
-    assert set(rows) == {("none", "-"), ("cut depth", "a = 1"), *(("h1 clip + noise", f"SNR {s}") for s in
-                                                                 ("16", "4", "1", "0.25")),
-                         *(("dL/dh2 clip + noise", f"z = {z}") for z in ("0", "0.1", "0.3", "1"))}
-    pct = lambda cell: float(cell.split("%")[0]) / 100  # noqa: E731
-    assert pct(rows[("none", "-")][7]) == 1.0  # the white-box search reads the tiny model's sentences whole
-    assert pct(rows[("h1 clip + noise", "SNR 0.25")][7]) < pct(rows[("h1 clip + noise", "SNR 16")][7])
-    assert rows[("h1 clip + noise", "SNR 4")][3] == "2" and rows[("none", "-")][3] == "1"  # seeds where noise enters
-    assert any(r[-1] == "yes" for r in rows.values())
+               "--seeds", "2", "--sentences", "2", "--fit-tokens", "512", "--fit-steps", "5", "--repeats", "12",
+               "--overhead-reps", "2", "--only", "none", "h1 clip + noise", "NoPeek", "--sweep-cuts", "1", "3",
+               out=tmp_path)
+    header = [c.strip() for c in next(line for line in text.splitlines() if line.startswith("|")).strip("|").split("|")]
+    rows = {(r[0], r[1]): dict(zip(header, r, strict=True)) for r in table(text)}
+    assert set(rows) == {("none", "-"), *(("h1 clip + noise", f"SNR {s}") for s in ("16", "4", "1", "0.25")),
+                         *(("NoPeek", f"λ = {lam}") for lam in ("1", "10", "100"))}
+    pct = lambda cell: float(cell.strip("*").split("%")[0]) / 100  # noqa: E731
+    assert all(r["runs"] == "2" for r in rows.values())  # every row, noise or not
+    assert pct(rows[("none", "-")]["read: public"]) == 1.0  # the white-box search reads the tiny sentences whole
+    noisiest = rows[("h1 clip + noise", "SNR 0.25")]
+    # twelve sends at SNR 0.25 are one at SNR 3: the likelihood reads far more than one send, and is the strongest
+    assert pct(noisiest["read: ML, 12 sends"]) >= pct(noisiest["read: ML, 1 send"]) + 0.3
+    assert noisiest["read: strongest"].endswith("(ML, 12 sends)")
+    assert all(r["read: shadow"] for k, r in rows.items() if k[0] == "NoPeek")  # the shadow Bottom, against NoPeek only
+    assert not rows[("none", "-")]["read: shadow"] and not rows[("none", "-")]["read: ML, 1 send"]
+    for r in rows.values():  # the strongest is the highest median of the row's attacks
+        reads = [pct(v) for k, v in r.items() if k.startswith("read: ") and k != "read: strongest" and v]
+        assert pct(r["read: strongest"]) == max(reads)
+        assert "→" in r["natural text loss"]
+    assert any(r["Pareto"] == "yes" for r in rows.values())
     assert (tmp_path / "privacy.png").stat().st_size > 10_000
     overhead = table((tmp_path / "privacy-overhead.md").read_text())
     assert [r[0] for r in overhead][0] == "none" and len(overhead) == 5 and overhead[0][3] == "1.00×"

@@ -1,7 +1,8 @@
-"""The kit's task: facts about made-up places, which no pretrained model can know.
+"""The kit's task: facts about made-up places, which no pretrained model can know; and plain sentences it knows.
 
 Each example is a prompt and a one-word answer. The model starts at an exact-match score of
 zero and learns the facts in a few dozen CPU steps; the loss counts only the answer tokens.
+The plain sentences (`natural`) measure what training costs the model on text it already reads well.
 """
 
 import random
@@ -19,6 +20,23 @@ TEMPLATES = {
     "colour": ("Q: What colour is the flag of {place}?\nA:", COLOURS),
     "animal": ("Q: Which animal is the symbol of {place}?\nA:", ANIMALS),
 }
+
+
+# Plain sentences of common knowledge, which the pretrained model reads well: its loss on them before and after
+# training is what training cost it elsewhere.
+NATURAL = ["The sun rises in the east and sets in the west.", "Water freezes at zero degrees Celsius.",
+           "Paris is the capital of France.", "A week has seven days.", "Cats and dogs are common pets.",
+           "The Pacific is the largest ocean on Earth.", "Bees make honey from the nectar of flowers.",
+           "Most people sleep at night and work during the day.", "Trees lose their leaves in autumn.",
+           "The moon goes around the Earth about once a month.", "Bread is made from flour, water and yeast.",
+           "Children learn to read and write at school.", "Rain falls from clouds when the air is full of water.",
+           "A bicycle has two wheels and a car has four.", "The heart pumps blood through the body.",
+           "Music can make people feel happy or sad."]
+
+
+def natural(n: int = 16) -> list[tuple[str, str]]:
+    """n of NATURAL as (first word, the rest) pairs, so that `encode` labels every token after the first."""
+    return [(s.split(" ", 1)[0], " " + s.split(" ", 1)[1]) for s in NATURAL[:n]]
 
 
 def facts(kind: str = "colour", n: int = 16, seed: int = 0) -> list[tuple[str, str]]:
