@@ -249,6 +249,7 @@ one server, in turns after a round of warm-up. Median and range over the steps.
     public = {c: (Bottom(model, c), *split_model(model, (c, b))[1:]) for c in {r[2] for r in rows_spec}}
     results, baseline_s = [], None
     for name, setting, cut, defence in rows_spec:
+        t0 = time.perf_counter()
         runs = [one_run(model, tokenizer, cut, b, defence, seed, args, public) for seed in range(args.seeds)]
         attacks = [k for k in runs[0]["read"] if not k.endswith("secrets")]  # the strongest: the most, at its median
         best = max(attacks, key=lambda k: (statistics.median(r["read"][k] for r in runs), k != "inversion"))
@@ -259,7 +260,28 @@ one server, in turns after a round of warm-up. Median and range over the steps.
         results.append((name, setting, cut, runs))
         print(name, setting, best, {k: round(statistics.median(r["read"][k] for r in runs), 3) for k in attacks},
               {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0] if k not in ("read", "attack")},
-              flush=True)
+              f"{time.perf_counter() - t0:.0f} s", flush=True)
+        write_frontier(results, baseline_s, args, (a, b), h1_bound, g2_bound)  # after each row: a partial table
+    points = write_frontier(results, baseline_s, args, (a, b), h1_bound, g2_bound)
+    figure(results, *points, args.out / f"{args.name}.png")
+    if args.sweep_cuts:
+        rows, exact = sweep(model, tokenizer, b, args)
+        write_table("privacy-cuts", "The white-box search at each first cut, on the base weights and after training",
+                    ["a", "base: tokens", "base: secrets", "base: s", "trained: tokens", "trained: secrets",
+                     "trained: s"], rows, f"""
+{args.model}, {args.sentences} private sentences. "base": h1 from the public Bottom (a client at step 0), at most
+{args.sweep_budget} candidates per position. "trained": h1 from a Bottom whose LoRA trained {args.steps} steps of 8
+facts at lr {args.lr} (exact match {exact:.0%} on the 16 facts; trained as `local`, LoRA on every block, which gives
+the gradients of `full+trunk` at any cut, so one run gives the trained Bottom of every cut), at most {args.budget}
+candidates per position; the server searches through the public Bottom, not knowing the LoRA. s: seconds the
+search took on this machine.
+""", out=args.out)
+
+
+def write_frontier(results, baseline_s, args, cuts, h1_bound: float, g2_bound: float):
+    """Write the frontier's table of the rows measured so far; the points (strongest read, exact match) and
+    (labels, exact match) of each row."""
+    a, b = cuts
     points = [(statistics.median(r["strongest"] for r in runs), statistics.median(r["exact"] for r in runs))
               for *_, runs in results]
     front = set(pareto(points))
@@ -305,19 +327,7 @@ Step time: the median step against the undefended run's in the same run.
                "step time", "Pareto"]
     write_table(args.name, "Privacy against utility: each defence against the strongest attacker that knows it",
                 columns, table, notes, out=args.out)
-    figure(results, points, label_points, args.out / f"{args.name}.png")
-    if args.sweep_cuts:
-        rows, exact = sweep(model, tokenizer, b, args)
-        write_table("privacy-cuts", "The white-box search at each first cut, on the base weights and after training",
-                    ["a", "base: tokens", "base: secrets", "base: s", "trained: tokens", "trained: secrets",
-                     "trained: s"], rows, f"""
-{args.model}, {args.sentences} private sentences. "base": h1 from the public Bottom (a client at step 0), at most
-{args.sweep_budget} candidates per position. "trained": h1 from a Bottom whose LoRA trained {args.steps} steps of 8
-facts at lr {args.lr} (exact match {exact:.0%} on the 16 facts; trained as `local`, LoRA on every block, which gives
-the gradients of `full+trunk` at any cut, so one run gives the trained Bottom of every cut), at most {args.budget}
-candidates per position; the server searches through the public Bottom, not knowing the LoRA. s: seconds the
-search took on this machine.
-""", out=args.out)
+    return points, label_points
 
 
 def figure(results, points, label_points, path: Path):
