@@ -28,20 +28,24 @@ from .attacks import _next_h1, _scores
 
 @torch.no_grad()
 def ml_decode(model, bottom, sends, defence: Defence, *, inversion=None, beam: int = 4, shortlist: int = 32,
-              next_tokens: int = 32, budget: int = 256, prior: bool = True) -> dict:
+              next_tokens: int = 32, budget: int = 256, prior: bool = True, mismatch: float = 0.0) -> dict:
     """The most likely tokens (T,) of one text from `sends` (n, T, d), the h1 it arrived as n times, through the
     public `bottom` (split.Bottom) and the whole `model` (the prior; `prior=False`: likelihood only). `defence`: the
     client's, with its clip and SNR. Where no candidate of a beam lies within what the noise explains (a squared
     distance of d·σ² and four standard deviations of its spread), that beam goes on down the inversion's ranking in
-    growing chunks, to `budget` candidates. Returns {"ids": (T,), "log_likelihood": (T,) the best path's Gaussian term per
-    position, "sigma": the std of the mean's noise}."""
+    growing chunks, to `budget` candidates. `mismatch`: the variance per coordinate by which the attacker's `bottom`
+    itself misses the client's (0 for the public Bottom at step 0; a tracked Bottom's fit residual after training),
+    added to the noise's in the likelihood. Returns {"ids": (T,), "log_likelihood": (T,) the best path's Gaussian
+    term per position, "sigma": the std of the mean's noise}."""
     n, T, d = sends.shape
     target = sends.mean(0)  # (T, d): n looks at one h1, noise std σ/√n
     sigma = defence.h1_sigma(d) / math.sqrt(n)
-    var = sigma ** 2 if sigma > 0 else 1e-12 * float(target.pow(2).mean())  # no noise: the likelihood decides
+    var = sigma ** 2 + mismatch
+    var = var if var > 0 else 1e-12 * float(target.pow(2).mean())  # no noise, no mismatch: the likelihood decides
     budget = min(max(budget, shortlist), model.config.vocab_size)
     ranking = _scores(model, target, inversion).topk(budget, dim=-1).indices  # (T, budget): best first
-    explained = d * var * (1 + 4 * math.sqrt(2 / d)) if sigma > 0 else 1e-6 * float(target.pow(2).sum(-1).max())
+    explained = d * var * (1 + 4 * math.sqrt(2 / d)) if sigma ** 2 + mismatch > 0 else \
+        1e-6 * float(target.pow(2).sum(-1).max())
     beams = [((), 0.0, ())]  # (tokens, score, per-position log-likelihood)
     bos = model.config.bos_token_id  # the first token's prior: the model's after its start-of-text token, if it has one
     head = None if bos is None else torch.tensor([[bos]])
