@@ -45,11 +45,11 @@ from splitkit.training.defences import Defence
 from splitkit.training.train import criterion, evaluate
 
 
-def settings(h1_bound: float, g2_bound: float, a: int, depths) -> list[tuple[str, str, int, Defence]]:
+def settings(h1_bound: float, g2_bound: float, a: int, depths, snrs=(16, 4, 1, 0.25)) -> list[tuple]:
     """(defence, setting, first cut, Defence) for every row of the table."""
     rows = [("none", "-", a, Defence())]
     rows += [("cut depth", f"a = {c}", c, Defence()) for c in depths if c != a]
-    rows += [("h1 clip + noise", f"SNR {snr:g}", a, Defence(h1_clip=h1_bound, h1_snr=snr)) for snr in (16, 4, 1, 0.25)]
+    rows += [("h1 clip + noise", f"SNR {snr:g}", a, Defence(h1_clip=h1_bound, h1_snr=snr)) for snr in snrs]
     rows += [("NoPeek", f"λ = {lam:g}", a, Defence(nopeek=lam)) for lam in (1, 10, 100)]
     rows += [("dL/dh2 clip + noise", f"z = {z:g}", a, Defence(g2_clip=g2_bound, g2_noise=z)) for z in (0, 0.1, 0.3, 1)]
     rows += [("max-norm alignment", "-", a, Defence(g2_maxnorm=True))]
@@ -229,6 +229,7 @@ def main(argv=None):
     p.add_argument("--sentences", type=int, default=6, help="private sentences the server reads back")
     p.add_argument("--budget", type=int, default=320, help="white-box candidates per position at most")
     p.add_argument("--fit-tokens", type=int, default=6144, help="random tokens the inversions are fitted on")
+    p.add_argument("--snrs", nargs="*", type=float, default=[16, 4, 1, 0.25], help="SNRs of the h1 noise rows")
     p.add_argument("--depths", nargs="*", type=int, default=[1, 4, 15], help="other first cuts, undefended")
     p.add_argument("--sweep-cuts", nargs="*", type=int, default=list(range(1, 16)),
                    help="first cuts of the white-box sweep (none: no sweep)")
@@ -252,7 +253,8 @@ one server, in turns after a round of warm-up. Median and range over the steps.
 """, out=args.out)
     if args.overhead_only:
         return
-    rows_spec = [r for r in settings(h1_bound, g2_bound, a, args.depths) if not args.only or r[0] in args.only]
+    rows_spec = [r for r in settings(h1_bound, g2_bound, a, args.depths, args.snrs)
+                 if not args.only or r[0] in args.only]
     public = {c: (Bottom(model, c), *split_model(model, (c, b))[1:]) for c in {r[2] for r in rows_spec}}
     results, baseline_s = [], None
     for name, setting, cut, defence in rows_spec:
