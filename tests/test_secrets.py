@@ -106,3 +106,13 @@ def test_with_a_wrong_seed_the_replay_reads_step_0_and_then_loses_the_bottom(lla
     assert not bool(got.explained[1].all()) and not bool(got.explained[2].all())  # a Bottom it does not have
     copy = {n: w.detach() for n, w in lora_parameters(got.bottom)}
     assert max_rel_diff(copy, {n: w.detach() for n, w in bottom.items()}) > 0.1
+
+
+def test_a_replay_given_the_tokens_read_once_tries_a_seed_without_searching(llama):
+    batches, _, seen = train_on_a_curious_server(llama, LoraSpec(seed=11))
+    read = replay(llama, CUTS, LoraSpec(seed=11), 1e-2, seen[:1]).ids  # step 0, read once
+    right = replay(llama, CUTS, LoraSpec(seed=11), 1e-2, seen[:2], known=[*read, batches[1]["input_ids"]])
+    wrong = replay(llama, CUTS, LoraSpec(seed=12), 1e-2, seen[:2], known=[*read, batches[1]["input_ids"]])
+    assert bool(right.explained[0].all()) and bool(right.explained[1].all())  # the seed: step 1 as step 0
+    assert bool(wrong.explained[0].all())  # lora_B = 0: any seed is the public Bottom at step 0
+    assert float(wrong.distance[1].min()) > 1e-3 and not bool(wrong.explained[1].any())  # not even the true tokens

@@ -26,27 +26,38 @@ from .attacks import whitebox_search
 
 @dataclass
 class Replay:
-    """What the replay read: per step the tokens (B, T), and whether each position was explained (B, T); the copy."""
+    """What the replay read: per step the tokens (B, T), each position's distance from what arrived relative to its
+    norm (B, T), and whether that is within rounding, explained (B, T); the copy."""
 
     ids: list = field(default_factory=list)
+    distance: list = field(default_factory=list)
     explained: list = field(default_factory=list)
     bottom: torch.nn.Module | None = None
 
 
-def replay(model, cuts, lora: LoraSpec, lr: float, seen, **search) -> Replay:
+def replay(model, cuts, lora: LoraSpec, lr: float, seen, known=(), rtol: float = 1e-3, **search) -> Replay:
     """Replay a `full` client's training from `seen`, [(h1, dL/dh1)] per step as the server saw and answered them
-    (`CuriousServer.seen` and `.sent_back`), with the client's LoRA spec (its seed) and learning rate. `search`
-    goes to whitebox_search (shortlist, budget). A batch without padding, as the kit's task makes."""
+    (`CuriousServer.seen` and `.sent_back`), with the client's LoRA spec (its seed) and learning rate. `known`: the
+    tokens (B, T) of the first steps, read already (a server that tries several seeds reads step 0 once); the other
+    steps are read by whitebox_search, to which `search` goes (inversion, shortlist, budget). A step's tokens as the
+    kit's task sends them: every row's padding is a token the Bottom runs like any other."""
     if lora.seed is None:
         raise ValueError("the replay needs the client's seed: a LoraSpec with seed=")
     bottom = add_lora(split_model(copy.deepcopy(model), cuts).bottom, lora, model.config)
     optimizer = adamw(bottom, lr)
     out = Replay(bottom=bottom)
-    for h1, g1 in seen:  # (B, T, d), (B, T, d)
-        found = [whitebox_search(model, bottom, row, **search) for row in h1]
-        ids = torch.stack([f["ids"] for f in found])  # (B, T)
+    for step, (h1, g1) in enumerate(seen):  # (B, T, d), (B, T, d)
+        if step < len(known):
+            ids = known[step]  # (B, T)
+            with torch.no_grad():
+                distance = (bottom(ids) - h1).norm(dim=-1) / h1.norm(dim=-1)
+            explained = distance <= rtol
+        else:
+            found = [whitebox_search(model, bottom, row, rtol=rtol, **search) for row in h1]
+            ids, distance, explained = (torch.stack([f[k] for f in found]) for k in ("ids", "distance", "explained"))
         out.ids.append(ids)
-        out.explained.append(torch.stack([f["explained"] for f in found]))
+        out.distance.append(distance)
+        out.explained.append(explained)
         if optimizer is not None:  # the client's step, done by the server: dL/dh1 through the copy, then AdamW
             optimizer.zero_grad(set_to_none=True)
             bottom(ids).backward(g1)
