@@ -17,6 +17,9 @@ client's LoRA start and noise are secret). Then:
 - the cost: the median step time against no defence's, side by side in the same run.
 
     python bench/privacy.py            # writes bench/results/privacy.md and privacy.png
+
+At its defaults the frontier (11 settings, 3 runs each) takes about an hour on 2 CPU cores, then the sweep over the
+cuts (privacy-cuts.md) a few minutes more; `--sweep-cuts` with no value skips it.
 """
 
 import argparse
@@ -45,13 +48,14 @@ from splitkit.training.defences import Defence
 from splitkit.training.train import criterion, evaluate
 
 
-def settings(h1_bound: float, g2_bound: float, a: int, depths, snrs=(16, 4, 1, 0.25)) -> list[tuple]:
+def settings(h1_bound: float, g2_bound: float, a: int, depths, snrs=(16, 1, 0.25), lams=(10, 100),
+             zs=(0.1, 1)) -> list[tuple]:
     """(defence, setting, first cut, Defence) for every row of the table."""
     rows = [("none", "-", a, Defence())]
     rows += [("cut depth", f"a = {c}", c, Defence()) for c in depths if c != a]
     rows += [("h1 clip + noise", f"SNR {snr:g}", a, Defence(h1_clip=h1_bound, h1_snr=snr)) for snr in snrs]
-    rows += [("NoPeek", f"λ = {lam:g}", a, Defence(nopeek=lam)) for lam in (1, 10, 100)]
-    rows += [("dL/dh2 clip + noise", f"z = {z:g}", a, Defence(g2_clip=g2_bound, g2_noise=z)) for z in (0, 0.1, 0.3, 1)]
+    rows += [("NoPeek", f"λ = {lam:g}", a, Defence(nopeek=lam)) for lam in lams]
+    rows += [("dL/dh2 clip + noise", f"z = {z:g}", a, Defence(g2_clip=g2_bound, g2_noise=z)) for z in zs]
     rows += [("max-norm alignment", "-", a, Defence(g2_maxnorm=True))]
     return rows
 
@@ -225,12 +229,14 @@ def main(argv=None):
     p.add_argument("--seeds", type=int, default=3, help="runs of each setting")
     p.add_argument("--repeats", type=int, default=12, help="times the client sends each private sentence")
     p.add_argument("--fit-steps", type=int, default=30, help="least-squares steps of the tracker a step it reads")
-    p.add_argument("--track-every", type=int, default=6, help="the tracker reads every k-th step, the last included")
-    p.add_argument("--sentences", type=int, default=6, help="private sentences the server reads back")
+    p.add_argument("--track-every", type=int, default=24, help="the tracker reads every k-th step, the last included")
+    p.add_argument("--sentences", type=int, default=4, help="private sentences the server reads back")
     p.add_argument("--budget", type=int, default=320, help="white-box candidates per position at most")
     p.add_argument("--fit-tokens", type=int, default=6144, help="random tokens the inversions are fitted on")
-    p.add_argument("--snrs", nargs="*", type=float, default=[16, 4, 1, 0.25], help="SNRs of the h1 noise rows")
-    p.add_argument("--depths", nargs="*", type=int, default=[1, 4, 15], help="other first cuts, undefended")
+    p.add_argument("--snrs", nargs="*", type=float, default=[16, 1, 0.25], help="SNRs of the h1 noise rows")
+    p.add_argument("--lams", nargs="*", type=float, default=[10, 100], help="NoPeek's weights")
+    p.add_argument("--zs", nargs="*", type=float, default=[0.1, 1], help="dL/dh2 noise multipliers")
+    p.add_argument("--depths", nargs="*", type=int, default=[1, 15], help="other first cuts, undefended")
     p.add_argument("--sweep-cuts", nargs="*", type=int, default=list(range(1, 16)),
                    help="first cuts of the white-box sweep (none: no sweep)")
     p.add_argument("--sweep-budget", type=int, default=1344, help="white-box candidates per position in the sweep, "
@@ -253,7 +259,7 @@ one server, in turns after a round of warm-up. Median and range over the steps.
 """, out=args.out)
     if args.overhead_only:
         return
-    rows_spec = [r for r in settings(h1_bound, g2_bound, a, args.depths, args.snrs)
+    rows_spec = [r for r in settings(h1_bound, g2_bound, a, args.depths, args.snrs, args.lams, args.zs)
                  if not args.only or r[0] in args.only]
     public = {c: (Bottom(model, c), *split_model(model, (c, b))[1:]) for c in {r[2] for r in rows_spec}}
     results, baseline_s = [], None
@@ -321,8 +327,9 @@ noise each time, as training sends each fact 12 times); tokens read back exactly
 weights and the defence with its setting, none the client's seeds. *public*: the white-box search through the public
 Bottom, at most {args.budget} candidates per position in the order of the inversion refitted through the defence,
 stopping where the nearest is nearer than half the second;
-*tracked*: the same through a Bottom the server fitted to what it saw (`splitkit.privacy.track` on every
-{args.track_every}th step, the last included, {args.fit_steps} least-squares steps each); *shadow* (NoPeek): through a
+*tracked*: the same through a Bottom the server fitted to what it saw (`splitkit.privacy.track` on step
+{", ".join(str(i + 1) for i in range((args.steps - 1) % args.track_every, args.steps, args.track_every))} of
+{args.steps}, {args.fit_steps} least-squares steps each read); *shadow* (NoPeek): through a
 Bottom the server trained the same way on other facts;
 *ML* (noise on h1): maximum-likelihood decoding with the public model's prior through the tracked Bottom
 (`splitkit.privacy.ml_decode`, beam 4, 32 + 32 candidates a position and up to 256 where nothing explains h1; the
