@@ -18,7 +18,7 @@ client's LoRA start and noise are secret). Then:
 
     python bench/privacy.py            # writes bench/results/privacy.md and privacy.png
 
-At its defaults the frontier (11 settings, 3 runs each) takes about an hour on 2 CPU cores, then the sweep over the
+At its defaults the frontier (10 settings, 3 runs each) takes about an hour on 2 CPU cores, then the sweep over the
 cuts (privacy-cuts.md) a few minutes more; `--sweep-cuts` with no value skips it.
 """
 
@@ -49,7 +49,7 @@ from splitkit.training.train import criterion, evaluate
 
 
 def settings(h1_bound: float, g2_bound: float, a: int, depths, snrs=(16, 1, 0.25), lams=(10, 100),
-             zs=(0.1, 1)) -> list[tuple]:
+             zs=(1,)) -> list[tuple]:
     """(defence, setting, first cut, Defence) for every row of the table."""
     rows = [("none", "-", a, Defence())]
     rows += [("cut depth", f"a = {c}", c, Defence()) for c in depths if c != a]
@@ -235,7 +235,7 @@ def main(argv=None):
     p.add_argument("--fit-tokens", type=int, default=6144, help="random tokens the inversions are fitted on")
     p.add_argument("--snrs", nargs="*", type=float, default=[16, 1, 0.25], help="SNRs of the h1 noise rows")
     p.add_argument("--lams", nargs="*", type=float, default=[10, 100], help="NoPeek's weights")
-    p.add_argument("--zs", nargs="*", type=float, default=[0.1, 1], help="dL/dh2 noise multipliers")
+    p.add_argument("--zs", nargs="*", type=float, default=[1], help="dL/dh2 noise multipliers")
     p.add_argument("--depths", nargs="*", type=int, default=[1, 15], help="other first cuts, undefended")
     p.add_argument("--sweep-cuts", nargs="*", type=int, default=list(range(1, 16)),
                    help="first cuts of the white-box sweep (none: no sweep)")
