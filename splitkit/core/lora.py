@@ -38,7 +38,7 @@ class LoraSpec:
 
     def resolved(self) -> "LoraSpec":
         """This spec with a seed: its own, or a fresh one from the operating system's entropy."""
-        return self if self.seed is not None else replace(self, seed=secrets.randbits(31))
+        return self if self.seed is not None else replace(self, seed=secrets.randbits(63))
 
     def to_json(self) -> dict:
         """The `lora` object of a full+trunk hello: the shape of the Trunk's LoRA, never the seed (the server
@@ -138,7 +138,7 @@ def init_lora(module, spec: LoraSpec, adapter: str = "default"):
     seed = spec.resolved().seed  # one secret seed for every layer when the spec gives none
     with torch.no_grad():
         for key, layer in lora_layers(module, adapter).items():
-            g = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
+            g = torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % 2**64)
             A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight  # (r, in), (out, r)
             bound = A.shape[1] ** -0.5
             A.copy_(torch.rand(A.shape, generator=g) * 2 * bound - bound)
