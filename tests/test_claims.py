@@ -14,7 +14,8 @@ import pytest
 
 from splitkit.teaching.course import CHECK, CLAIM  # the tag and the check cell's first line
 
-NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+# the lessons (NN_*.ipynb) and their appendices (NNa_*.ipynb), whose claims carry the lesson's number N
+NOTEBOOKS = sorted((Path(__file__).resolve().parent.parent / "notebooks").glob("[0-9][0-9]*_*.ipynb"))
 
 
 def claims_and_checks(cells: list) -> tuple[dict, dict]:
