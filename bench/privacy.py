@@ -18,7 +18,7 @@ client's LoRA start and noise are secret). Then:
 
     python bench/privacy.py            # writes bench/results/privacy.md and privacy.png
 
-At its defaults the frontier (10 settings, 3 runs each) takes about an hour on 2 CPU cores, then the sweep over the
+At its defaults the frontier (10 settings, 3 runs each) took 78 minutes on 2 CPU cores, then the sweep over the
 cuts (privacy-cuts.md) a few minutes more; `--sweep-cuts` with no value skips it.
 """
 
