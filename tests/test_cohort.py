@@ -1,7 +1,6 @@
 """A Cohort trains many students' LoRA in one batch: each adapter ends where the same student's split run over a
 real socket ends, and its rounds are the rounds a Flower client runs (federated.local_training)."""
 
-import random
 
 import pytest
 import torch
@@ -10,17 +9,8 @@ from splitkit import Learner, load_model
 from splitkit import federated as F
 from splitkit.core.data import COLOURS, encode
 from splitkit.core.lora import LoraSpec
-from splitkit.federated.study import (
-    Arm,
-    Cohort,
-    cohort_for,
-    drift,
-    own_shards,
-    run_rounds,
-    study_facts,
-    what_the_aggregator_infers,
-    what_the_aggregator_reads,
-)
+from splitkit.federated.leaks import gradient_match, what_the_aggregator_infers, what_the_aggregator_reads
+from splitkit.federated.study import Arm, Cohort, cohort_for, drift, own_shards, run_rounds, study_facts
 from splitkit.training.testing import max_rel_diff
 
 CUTS = (2, 4)
@@ -76,16 +66,6 @@ def test_a_round_of_the_study_is_a_round_of_the_flower_client(tiny, serve, pairs
     # alone, each student kept its own LoRA: after round 1 it is that student's round-1 LoRA of the federation
     assert max_rel_diff(study["alone"].starts[1][2], study["federated"].clients[1][2]) < 1e-6
     assert set(study["federated"].scores[-1]) == {"average"} and set(study["alone"].scores[-1]) == set(shards)
-
-
-def test_dealt_shards_give_every_pair_to_one_student_each_step_and_change_between_steps(pairs):
-    arm = Arm("iid", own_shards(pairs, 4), dealt=True)
-    first, second = arm.batches(random.Random(0)), arm.batches(random.Random(1))
-    for dealt in (first, second):
-        assert sorted(p for shard in dealt.values() for p in shard) == sorted(pairs)
-        assert [len(s) for s in dealt.values()] == [2, 2, 2, 2]
-    assert first != second
-    assert Arm("own", own_shards(pairs, 4)).batches(random.Random(0)) == own_shards(pairs, 4)
 
 
 def test_drift_is_the_spread_of_the_students_updates_over_their_mean():
@@ -158,3 +138,53 @@ def test_answer_losses_with_the_question_cached_are_the_scores_of_each_pair(tiny
     whole = cohort.score(tokenizer, [(q, c) for q in questions for c in candidates], ["student"])["student"]["loss"]
     assert cached.shape == (8, 16) and cached.std() > 0.01, cached
     torch.testing.assert_close(cached, torch.tensor(whole).view(8, 16), rtol=1e-5, atol=1e-5)
+
+
+def test_a_server_learning_rate_is_flowers_fedavgm_step_along_the_mean_update(tiny, pairs):
+    """An arm with a server learning rate averages through Flower's FedAvgM: each round's global LoRA is the last
+    one plus η times the students' mean move, computed here from the students' LoRA; at η = 1 it is FedAvg's."""
+    (llama, tokenizer), shards = tiny, own_shards(pairs, 4)
+    arms = [Arm("fedavg", shards, lr=LR), Arm("eta 1", shards, lr=LR, server_lr=1.0),
+            Arm("eta 3", shards, lr=LR, server_lr=3.0)]
+    study = run_rounds(cohort_for(llama, CUTS, LoraSpec(seed=1), arms), tokenizer, pairs, arms, 2, 2)
+    assert arms[1].strategy({}) is None  # η = 1 and no momentum: FedAvg itself
+    fast = study["eta 3"]
+    for r in (1, 2):
+        before, clients = fast.starts[r - 1][0], fast.clients[r]
+        want = {n: before[n] + 3.0 * (sum(c[n] for c in clients.values()) / 4 - before[n]) for n in before}
+        assert max_rel_diff(fast.averages[r - 1], want) < 1e-5, r
+    assert max_rel_diff(study["eta 1"].averages[1], study["fedavg"].averages[1]) == 0
+    assert max_rel_diff(fast.averages[1], study["fedavg"].averages[1]) > 0.1
+
+
+def test_an_arm_that_keeps_adam_trains_on_as_one_optimizer_would(tiny, pairs):
+    """keep_adam: one student, so the average is its own LoRA; 2 rounds of 2 steps with AdamW kept are 4 steps of
+    one AdamW, and differ from 2 rounds with AdamW fresh each round."""
+    (llama, tokenizer), shard = tiny, {0: pairs[:2]}
+    arms = [Arm("kept", shard, lr=LR, keep_adam=True), Arm("fresh", shard, lr=LR)]
+    study = run_rounds(cohort_for(llama, CUTS, LoraSpec(seed=2), arms), tokenizer, pairs, arms, 2, 2)
+    one = Cohort(llama, CUTS, LoraSpec(seed=2), ["one"])
+    one.new_optimizers({"one": (LR, False)})
+    for _ in range(4):
+        one.step(tokenizer, {"one": pairs[:2]})
+    assert max_rel_diff(study["kept"].averages[1], one.state("one")) < 1e-5
+    assert max_rel_diff(study["fresh"].averages[1], one.state("one")) > 1e-2
+
+
+def test_gradient_matching_names_a_students_facts_from_one_round_of_updates(tiny, pairs):
+    """The aggregator's gradient-matching read: after one round of 2 steps on their own 2 facts, the candidates
+    (question, colour) whose gradients at the LoRA it sent point along each student's update are the student's
+    own facts, with their questions; against an update of random direction it names almost none."""
+    (llama, tokenizer), shards = tiny, own_shards(pairs, 4)
+    arms = [Arm("fedavg", shards, lr=LR)]
+    cohort = cohort_for(llama, CUTS, LoraSpec(seed=0), arms)
+    start = cohort.state(cohort.names[0])
+    study = run_rounds(cohort, tokenizer, pairs, arms, 1, 2)
+    probe = Cohort(llama, CUTS, LoraSpec(seed=0), [f"c{i}" for i in range(len(COLOURS))])
+    questions = [p for p, _ in pairs]
+    read = gradient_match(probe, tokenizer, questions, start, study["fedavg"].clients[1], shards)
+    assert sum(r["facts"] for r in read.values()) >= 7, read  # of 8
+    g = torch.Generator().manual_seed(0)
+    noise = {k: {n: w + 1e-3 * torch.randn(w.shape, generator=g) for n, w in start.items()} for k in shards}
+    blind = gradient_match(probe, tokenizer, questions, start, noise, shards)
+    assert sum(r["facts"] for r in blind.values()) <= 2, blind

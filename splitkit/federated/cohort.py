@@ -45,9 +45,8 @@ class Cohort:
                 w.copy_(state[key])
 
     def new_optimizers(self, settings: dict):
-        """{name: (lr, freeze_a)}: a fresh AdamW for each adapter (as Learner.load_lora gives every round), over
-        its lora_B alone when freeze_a (FFA-LoRA)."""
-        self.optimizers = {}
+        """{name: (lr, freeze_a)}: a fresh AdamW for each adapter named (as Learner.load_lora gives every round),
+        over its lora_B alone when freeze_a (FFA-LoRA); the others keep theirs."""
         for name, (lr, freeze_a) in settings.items():
             trained = [w for key, w in self.params[name].items() if not (freeze_a and key.endswith(".lora_A"))]
             for key, w in self.params[name].items():

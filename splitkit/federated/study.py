@@ -1,18 +1,20 @@
 """Notebook 09's study of split federated learning, run on a Cohort: the facts and how they are dealt, the arms
-(ways to train a class), their rounds, client drift, and what the aggregator reads from a student's LoRA.
+(ways to train a class: FedAvg, Flower's FedAvgM, the product of the factors, A frozen, alone, all the data), their
+rounds and client drift. What the federation leaks is in `leaks`.
 
 Everything here is unsplit: in `full` mode the split's gradients are the unsplit model's, so a Cohort trains the
 study's many arms and seeds in one batch; the split itself, over a trunk server, is in notebook 09's first section.
 """
 
-import random
+import logging
 from dataclasses import dataclass, field
 
 import torch
+from flwr.app import ArrayRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvgM
 
-from ..core.data import COLOURS, facts
+from ..core.data import facts
 from ..core.lora import LoraSpec
-from ..training.generation import is_exact
 from . import settings
 from .averaging import average_products, product_gap
 from .cohort import Cohort
@@ -36,24 +38,59 @@ def own_shards(pairs: list, students: int = STUDENTS) -> dict:
 @dataclass
 class Arm:
     """One way to train a class: its students' shards, how their LoRA is combined after each round, and its
-    optimizer. averaging: "ab" (FedAvg), "product" (the mean of B·A by SVD) or None (each student alone)."""
+    optimizers. averaging: "ab" (FedAvg), "product" (the mean of B·A by SVD) or None (each student alone).
+    server_lr, server_momentum: the server's step along the mean update, through Flower's FedAvgM (1 and 0 are
+    FedAvg). keep_adam: each student's AdamW keeps its moments from round to round (fresh each round otherwise,
+    as a Flower client gets it)."""
 
     name: str
     shards: dict  # student -> its pairs
     averaging: str | None = "ab"
     lr: float = 5e-3
     freeze_a: bool = False
-    dealt: bool = False  # each step, the shards' pairs shuffled and dealt out anew (IID): as many to each student
+    server_lr: float = 1.0
+    server_momentum: float = 0.0
+    keep_adam: bool = False
 
-    def batches(self, rng: random.Random) -> dict:
-        """{student: its pairs for one step}: its own shard, or a share of all the pairs dealt anew."""
-        if not self.dealt:
-            return self.shards
-        pool = rng.sample([p for shard in self.shards.values() for p in shard], k=sum(map(len, self.shards.values())))
-        out, i = {}, 0
-        for k, shard in self.shards.items():
-            out[k], i = pool[i:i + len(shard)], i + len(shard)
-        return out
+    def strategy(self, start: dict) -> FedAvgM | None:
+        """Flower's FedAvgM for this arm, at the LoRA every student starts from; None where the arm is FedAvg."""
+        if (self.server_lr, self.server_momentum) == (1.0, 0.0):
+            return None
+        if self.averaging != "ab":
+            raise ValueError(f"{self.name}: a server step is taken along FedAvg's average, not {self.averaging!r}")
+        strategy = FedAvgM(server_learning_rate=self.server_lr, server_momentum=self.server_momentum,
+                           min_train_nodes=1, min_available_nodes=1)
+        strategy.current_arrays = ArrayRecord(start)  # what configure_train sets in a run on a Grid
+        return strategy
+
+
+# The arms of bench/federated.py and notebook 09: name -> Arm options (FedAvgM's server rate comes on its own)
+ARMS = {"FedAvg": dict(averaging="ab"), "FedAvg, A frozen": dict(averaging="ab", freeze_a=True),
+        "FedAvg, the product": dict(averaging="product"), "FedAvg, Adam kept": dict(averaging="ab", keep_adam=True),
+        "alone": dict(averaging=None), "all the data": dict(averaging=None)}
+FEDAVGM = "FedAvgM"
+
+
+def make_arm(name: str, lr: float, pairs: list, server_lr: float = 1.0) -> Arm:
+    """The arm `name` of ARMS (or FEDAVGM, FedAvg with the server's rate `server_lr`) at client rate `lr`, named
+    "name @ rate"."""
+    if name == FEDAVGM:
+        return Arm(f"{name} @ {server_lr:g}", own_shards(pairs), lr=lr, server_lr=server_lr)
+    shards = {0: pairs} if name == "all the data" else own_shards(pairs)
+    return Arm(f"{name} @ {lr:g}", shards, lr=lr, **ARMS[name])
+
+
+def outcome(result: "ArmRounds", pairs: list, r: int = -1) -> tuple[float, int]:
+    """(loss, facts exact) after round r + 1 (the last by default): the model's mean loss on all the facts and how
+    many it answers exactly; alone, each student's mean loss on its own facts, averaged over the students, and the
+    facts its students answer of their own."""
+    scores = result.scores[r]
+    if "average" in scores or len(scores) == 1:
+        (s,) = scores.values()
+        return sum(s["loss"]) / len(s["loss"]), sum(s["exact"])
+    own = {k: [i for i, p in enumerate(pairs) if p in result.arm.shards[k]] for k in scores}
+    return (sum(sum(scores[k]["loss"][i] for i in own[k]) / len(own[k]) for k in scores) / len(scores),
+            sum(scores[k]["exact"][i] for k in scores for i in own[k]))
 
 
 @dataclass
@@ -78,10 +115,9 @@ def cohort_for(model, cuts, lora: LoraSpec, arms: list[Arm]) -> Cohort:
     return cohort
 
 
-def run_rounds(cohort: Cohort, tokenizer, pairs: list, arms: list[Arm], rounds: int, local_steps: int,
-               seed: int = 0) -> dict:
+def run_rounds(cohort: Cohort, tokenizer, pairs: list, arms: list[Arm], rounds: int, local_steps: int) -> dict:
     """`rounds` rounds of `local_steps` steps for every arm at once, every optimizer fresh each round (the rule
-    of a federated round, applied to every arm). Each round ends with each federated arm's average, and every
+    of a federated round) unless the arm keeps it. Each round ends with each federated arm's average, and every
     model is scored on all `pairs`. Returns {arm name: ArmRounds}."""
     start = cohort.state(cohort.names[0])
 
@@ -89,16 +125,17 @@ def run_rounds(cohort: Cohort, tokenizer, pairs: list, arms: list[Arm], rounds: 
         return cohort.slots[(arm.name, k)]
 
     out = {arm.name: ArmRounds(arm) for arm in arms}
+    strategies = {arm.name: arm.strategy(start) for arm in arms}
     current = {arm.name: {k: start for k in arm.shards} for arm in arms}  # what each student starts a round from
     for r in range(1, rounds + 1):
         for arm in arms:
             out[arm.name].starts.append(current[arm.name])
             for k in arm.shards:
                 cohort.load(adapter(arm, k), current[arm.name][k])
-        cohort.new_optimizers({adapter(arm, k): (arm.lr, arm.freeze_a) for arm in arms for k in arm.shards})
-        for step in range(local_steps):
-            rng = random.Random(f"{seed}/{r}/{step}")
-            cohort.step(tokenizer, {adapter(arm, k): pairs for arm in arms for k, pairs in arm.batches(rng).items()})
+        cohort.new_optimizers({adapter(arm, k): (arm.lr, arm.freeze_a) for arm in arms for k in arm.shards
+                               if r == 1 or not arm.keep_adam})
+        for _ in range(local_steps):
+            cohort.step(tokenizer, {adapter(arm, k): shard for arm in arms for k, shard in arm.shards.items()})
         scored = []
         for arm in arms:
             result, clients = out[arm.name], {k: cohort.state(adapter(arm, k)) for k in arm.shards}
@@ -108,7 +145,10 @@ def run_rounds(cohort: Cohort, tokenizer, pairs: list, arms: list[Arm], rounds: 
                 scored += [(arm, k, adapter(arm, k)) for k in arm.shards]
                 continue
             weights = {k: float(len(arm.shards[k])) for k in arm.shards}
-            average = average_of(clients, weights, arm.averaging)
+            if strategies[arm.name] is None:
+                average = average_of(clients, weights, arm.averaging)
+            else:
+                average = flower_step(strategies[arm.name], clients, weights, r)
             result.averages.append(average)
             result.gap.append(product_gap(clients, weights, average))
             result.drift.append(drift(clients, current[arm.name][next(iter(arm.shards))]))
@@ -120,6 +160,24 @@ def run_rounds(cohort: Cohort, tokenizer, pairs: list, arms: list[Arm], rounds: 
         for arm in arms:
             out[arm.name].scores.append({k: scores[name] for a, k, name in scored if a is arm})
     return out
+
+
+def flower_step(strategy: FedAvgM, clients: dict, weights: dict, server_round: int) -> dict:
+    """The students' LoRA through Flower's own aggregate_train, as replies of a round; returns the new global LoRA
+    (the strategy keeps it, and its momentum, for the next round)."""
+    replies = [Message(RecordDict({"arrays": ArrayRecord(state),
+                                   "metrics": MetricRecord({"num-examples": weights[k]})}),
+                       metadata=Metadata(run_id=0, message_id=str(k), src_node_id=k + 1, dst_node_id=0,
+                                         reply_to_message_id="", group_id=str(server_round), created_at=0.0,
+                                         ttl=3600.0, message_type="train"))
+               for k, state in clients.items()]
+    log = logging.getLogger("flwr")
+    level, _ = log.level, log.setLevel(logging.WARNING)  # Flower logs every aggregation at INFO
+    try:
+        arrays, _ = strategy.aggregate_train(server_round, replies)
+    finally:
+        log.setLevel(level)
+    return arrays.to_torch_state_dict()
 
 
 def average_of(clients: dict, weights: dict, averaging: str) -> dict:
@@ -149,52 +207,3 @@ def drift(clients: dict, start: dict) -> float:
     mean_sq = moves.sum() / n ** 2  # ‖mean move‖²
     spread_sq = (moves.diagonal().mean() - mean_sq).clamp_min(0)  # mean ‖m_k − mean‖²
     return float(spread_sq.sqrt() / mean_sq.clamp_min(1e-60).sqrt())
-
-
-def what_the_aggregator_reads(cohort: Cohort, tokenizer, pairs: list, shards: dict, clients: dict) -> dict:
-    """What an aggregator that knows the public weights and the questions, not the answers, reads from each
-    student's LoRA of one round: it asks every question under that LoRA (greedy). {student: {"said": the answers
-    (their first lines), "read": the student's own questions answered right, "secrets": the student's own
-    answers found anywhere in what it said, "share": the fraction of what it said that is one of them,
-    "of": len(shard)}}."""
-    prompts, out = [p for p, _ in pairs], {}
-    distinct = {id(state): state for state in clients.values()}  # one LoRA given to several students is asked once
-    slots = dict(zip(distinct, cohort.names, strict=False))
-    for key, state in distinct.items():
-        cohort.load(slots[key], state)
-    answers = cohort.answers(tokenizer, prompts, list(slots.values()))
-    for k, state in clients.items():
-        said = [a.strip().split("\n")[0] for a in answers[slots[id(state)]]]  # the first line of each answer
-        own = [(i, answer) for i, (p, answer) in enumerate(pairs) if (p, answer) in shards[k]]
-        secrets = {answer.strip() for _, answer in own}
-        out[k] = {"said": said, "read": sum(is_exact(said[i], answer) for i, answer in own),
-                  "secrets": len(secrets & set(said)), "share": sum(a in secrets for a in said) / len(said),
-                  "of": len(own)}
-    return out
-
-
-def what_the_aggregator_infers(cohort: Cohort, tokenizer, questions: list, shards: dict, clients: dict, sent: dict,
-                               candidates: tuple = tuple(" " + c for c in COLOURS)) -> dict:
-    """A stronger read than asking: the aggregator knows the public weights, the LoRA it sent this round (`sent`),
-    the questions and the possible answers (the colours), not who holds which. For each student it scores every
-    (question, answer) under the student's LoRA and under `sent`: the gain of a pair is how much its loss fell.
-    Its guess of the student's answers: the candidates whose mean gain over the questions is largest, as many as
-    the student holds; of each one's question: where that answer gained most over the mean of all answers.
-    {student: {"answers": guessed answers right, "facts": guessed (question, answer) pairs right, "of": len(shard),
-    "guess": [(question, answer)]}}."""
-    slot = cohort.names[0]
-
-    def losses(state):  # (questions, candidates): the loss of each answer to each question under `state`
-        cohort.load(slot, state)
-        return cohort.answer_losses(tokenizer, questions, list(candidates), slot)
-
-    before, out = losses(sent), {}
-    for k, state in clients.items():
-        gain = before - losses(state)  # (questions, candidates)
-        answers = gain.mean(0).topk(len(shards[k])).indices.tolist()
-        margin = gain - gain.mean(1, keepdim=True)  # how much more an answer gained than the others, per question
-        guess = [(questions[int(margin[:, c].argmax())], candidates[c]) for c in answers]
-        truth = set(shards[k])
-        out[k] = {"guess": guess, "answers": len({a for _, a in guess} & {a for _, a in truth}),
-                  "facts": len(set(guess) & truth), "of": len(truth)}
-    return out
