@@ -1,104 +1,242 @@
-"""Learning rates for notebook 09's split federation: each way of training tried at several, over seeds.
+"""Notebook 09's split federation, out of sample: each way of training tuned on some seeds, reported on others.
 
-The study of notebook 09 (splitkit.federated.study: 4 students with 2 facts each, 6 rounds of 2 local steps, every
-optimizer fresh each round) at each learning rate of a grid, for three arms: FedAvg of A and B, FedAvg with A
-frozen (FFA-LoRA), and one client with all the facts. Each arm's best rate (the lowest loss on all facts
-after the last round in its worst seed) is what notebook 09 uses; federated.json holds them.
+The study of notebook 09 (splitkit.federated.study: 4 students with 2 facts each that no other student has, 6
+rounds of 2 local steps) for six arms: FedAvg of A and B; FedAvg with A frozen (FFA-LoRA); the mean of the
+products B·A by SVD; FedAvg with each student's AdamW kept across rounds (a control for drift made by the
+optimizer's restarts); each student alone; one client with all the facts. Then Flower's FedAvgM (a server learning
+rate along the mean update) at FedAvg's rate.
 
-    python bench/federated.py                  # SmolLM2, cuts (10, 20), 3 seeds
+1. Tuning, on --tune-seeds: each arm at every rate of its grid; its rate is the one whose worst seed ends with
+   the lowest loss (alone: on the student's own facts; the others: on all 8). Where that rate is the grid's end,
+   the grid grows by a factor of 2 past it (at most twice), so the chosen rate lies inside. Then FedAvgM's server
+   rate, by the same rule, on its own grid.
+2. Reporting, on --report-seeds (disjoint): every arm at its chosen rate: the task (loss, facts exact), the
+   natural text (forgetting), client drift; and what the FedAvg arm leaks (splitkit.federated.leaks).
+
+    python bench/federated.py                  # SmolLM2, cuts (10, 20): tune on 0 1 2, report on 3 4 5
+
+federated.md holds the tables, federated.json the chosen rates and every reported number notebook 09 reads.
 """
 
 import argparse
 import json
 import statistics
+import time
 from pathlib import Path
 
 from _common import RESULTS, write_table
 from splitkit import load_model
+from splitkit.core.data import COLOURS, natural
 from splitkit.core.lora import LoraSpec
 from splitkit.core.models import SMOLLM2
-from splitkit.federated.study import (
-    FACTS,
-    LOCAL_STEPS,
-    ROUNDS,
-    STUDENTS,
-    Arm,
-    cohort_for,
-    own_shards,
-    run_rounds,
-    study_facts,
-)
+from splitkit.federated.cohort import Cohort
+from splitkit.federated.leaks import gradient_match, revealed
+from splitkit.federated.study import ARMS, FEDAVGM, ROUNDS, cohort_for, make_arm, outcome, run_rounds, study_facts
 
-ARMS = {"federated, A and B": dict(averaging="ab"), "federated, A frozen": dict(averaging="ab", freeze_a=True),
-        "all the data": dict(averaging=None)}
+GRIDS = {"FedAvg": [2.5e-3, 5e-3, 1e-2, 2e-2], "FedAvg, A frozen": [1e-2, 2e-2, 4e-2, 8e-2],
+         "FedAvg, the product": [2.5e-3, 5e-3, 1e-2, 2e-2], "FedAvg, Adam kept": [1.25e-3, 2.5e-3, 5e-3, 1e-2],
+         "alone": [2.5e-3, 5e-3, 1e-2, 2e-2], "all the data": [6.25e-4, 1.25e-3, 2.5e-3, 5e-3]}
+SERVER_LRS = [1.0, 2.0, 4.0, 8.0]  # FedAvgM's rate; 1 is FedAvg itself
 
 
-def arms_at(lr: float, pairs: list, students: int, names=tuple(ARMS)) -> list:
-    out = []
-    for name, options in ((n, ARMS[n]) for n in names):
-        shards = {0: pairs} if name == "all the data" else own_shards(pairs, students)
-        out.append(Arm(f"{name} @ {lr:g}", shards, lr=lr, **options))
+def run(model, tokenizer, cuts, seed: int, arms: list) -> tuple:
+    pairs = study_facts(seed)
+    arms = [a(pairs) for a in arms]
+    cohort = cohort_for(model, cuts, LoraSpec(seed=seed), arms)
+    return pairs, cohort, run_rounds(cohort, tokenizer, pairs, arms, ROUNDS, 2)
+
+
+def tune(model, tokenizer, cuts, seeds, grids: dict, server_lrs: list) -> tuple[dict, dict]:
+    """{arm: chosen rate}, {(arm, rate): [(loss, exact) per seed]}: first every arm's client rate, then FedAvgM's
+    server rate at FedAvg's chosen client rate (its 1 is FedAvg, measured already)."""
+    got = {}
+
+    def client(todo):
+        return [lambda p, n=n, lr=lr: make_arm(n, lr, p) for n, lrs in todo.items() for lr in lrs]
+
+    chosen = grow(model, tokenizer, cuts, seeds, grids, got, client)
+    got[(FEDAVGM, 1.0)] = got[("FedAvg", chosen["FedAvg"])]
+
+    def server(todo):
+        return [lambda p, s=s: make_arm(FEDAVGM, chosen["FedAvg"], p, s) for s in todo.get(FEDAVGM, []) if s != 1.0]
+
+    chosen |= grow(model, tokenizer, cuts, seeds, {FEDAVGM: server_lrs}, got, server)
+    return chosen, got
+
+
+def grow(model, tokenizer, cuts, seeds, grids: dict, got: dict, arms_for) -> dict:
+    """Each arm of `grids` at each of its rates on every seed, into got[(arm, rate)]; where an arm's best rate (the
+    lowest loss of its worst seed) is an end of its grid, the grid grows past it by a factor of 2, at most twice.
+    Returns {arm: its best rate}."""
+    def best(name):
+        return min((r for n, r in got if n == name), key=lambda r: max(x for x, _ in got[(name, r)]))
+
+    todo = {name: list(rates) for name, rates in grids.items()}
+    for growth in range(3):
+        for seed in seeds:
+            wanted = arms_for(todo)
+            if wanted:
+                pairs, _, results = run(model, tokenizer, cuts, seed, wanted)
+                for name, result in results.items():
+                    n, rate = name.split(" @ ")
+                    got.setdefault((n, float(rate)), []).append(outcome(result, pairs))
+        todo = {}
+        for name in grids:
+            rates = sorted(r for n, r in got if n == name)
+            if best(name) == rates[0]:
+                todo[name] = [rates[0] / 2]
+            elif best(name) == rates[-1]:
+                todo[name] = [rates[-1] * 2]
+        print(f"tuned {sorted(grids)}" + (f"; growing {todo}" if todo and growth < 2 else ""), flush=True)
+        if not todo or growth == 2:
+            break
+    return {name: best(name) for name in grids}
+
+
+def report(model, tokenizer, cuts, seed: int, chosen: dict) -> dict:
+    """Every arm at its chosen rate on one held-out seed: scores, natural text, drift; FedAvg's leaks."""
+    wanted = [lambda p, n=n: make_arm(n, chosen[n], p) for n in chosen if n != FEDAVGM]
+    wanted.append(lambda p: make_arm(FEDAVGM, chosen["FedAvg"], p, chosen[FEDAVGM]))
+    pairs, cohort, results = run(model, tokenizer, cuts, seed, wanted)
+    start = next(iter(next(iter(results.values())).starts[0].values()))  # every arm's LoRA before round 1
+    slot = cohort.names[0]
+    cohort.load(slot, start)
+    text = natural(16)
+    before = cohort.score(tokenizer, pairs + text, [slot])[slot]
+    out = {"start": {"loss": statistics.mean(before["loss"][:len(pairs)]), "exact": sum(before["exact"][:len(pairs)]),
+                     "natural": statistics.mean(before["loss"][len(pairs):])}, "arms": {}}
+    for name, result in results.items():
+        n = name.split(" @ ")[0]
+        models = result.averages[-1:] or list(result.clients[ROUNDS].values())
+        for i, state in enumerate(models):
+            cohort.load(cohort.names[i], state)
+        text_loss = cohort.score(tokenizer, text, cohort.names[:len(models)])
+        curve = [outcome(result, pairs, r) for r in range(ROUNDS)]
+        loss, exact = outcome(result, pairs)
+        out["arms"][n] = {"lr": result.arm.lr, "server_lr": result.arm.server_lr, "loss": loss, "exact": exact,
+                          "curve": curve, "drift": result.drift, "gap": result.gap,
+                          "natural": statistics.mean(statistics.mean(s["loss"]) for s in text_loss.values())}
+    out["leaks"] = leaks(cohort, tokenizer, pairs, results[f"FedAvg @ {chosen['FedAvg']:g}"], start)
     return out
 
 
-def final(result) -> tuple[float, int]:
-    """(mean loss over the facts, facts exact) of an arm's model after the last round."""
-    (scores,) = result.scores[-1].values()
-    return statistics.mean(scores["loss"]), sum(scores["exact"])
+def leaks(cohort: Cohort, tokenizer, pairs: list, fed, start: dict) -> dict:
+    """What the FedAvg arm's aggregator and classmates read, per student."""
+    held = fed.arm.shards
+    slots = dict(zip(held, cohort.names, strict=False))  # one adapter per student
+    scores = {}  # round -> {student: its LoRA's scores}
+    for r in range(1, ROUNDS + 1):
+        for k in held:
+            cohort.load(slots[k], fed.clients[r][k])
+        got = cohort.score(tokenizer, pairs, list(slots.values()))
+        scores[r] = {k: got[slots[k]] for k in held}
+    cohort.load(cohort.names[0], start)
+    sent = [cohort.score(tokenizer, pairs, cohort.names[:1])[cohort.names[0]]]  # round 1 starts from `start`
+    sent += [s["average"] for s in fed.scores[:-1]]  # round r starts from round r − 1's average
+    out = {"revealed": {r: revealed(scores[r], sent[r - 1], pairs, held) for r in range(1, ROUNDS + 1)}}
+    out["revealed_any"] = {k: sum(any(scores[r][k]["exact"][i] and not sent[r - 1]["exact"][i]
+                                      for r in range(1, ROUNDS + 1))
+                                  for i, p in enumerate(pairs) if p in held[k]) for k in held}
+    last = fed.scores[-1]["average"]["exact"]
+    out["classmates"] = {k: sum(x for i, x in enumerate(last) if pairs[i] not in held[k]) for k in held}
+    matched = gradient_match(cohort, tokenizer, [p for p, _ in pairs], start, fed.clients[1], held)
+    out["matched"] = {k: {"facts": m["facts"], "answers": m["answers"], "of": m["of"]} for k, m in matched.items()}
+    return out
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=SMOLLM2)
     p.add_argument("--cuts", nargs=2, type=int, default=(10, 20))
-    p.add_argument("--lrs", nargs="+", type=float, default=[2.5e-3, 5e-3, 1e-2, 2e-2])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--students", type=int, default=STUDENTS)
-    p.add_argument("--facts", type=int, default=FACTS)
-    p.add_argument("--rounds", type=int, default=ROUNDS)
-    p.add_argument("--local-steps", type=int, default=LOCAL_STEPS)
+    p.add_argument("--tune-seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--report-seeds", nargs="+", type=int, default=[3, 4, 5])
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
     p.add_argument("--out", default=None, help="folder for federated.md and federated.json (default: bench/results)")
     args = p.parse_args(argv)
+    if set(args.tune_seeds) & set(args.report_seeds):
+        p.error("the tuning and the reporting seeds must be disjoint")
+    if "FedAvg" not in args.arms:
+        p.error("--arms must include FedAvg: FedAvgM runs at its rate, and its leaks are measured")
 
+    t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
-    got = {}  # (arm, lr) -> [(loss, exact) per seed]
-    for seed in args.seeds:
-        pairs = study_facts(seed, args.facts)
-        arms = [arm for lr in args.lrs for arm in arms_at(lr, pairs, args.students, args.arms)]
-        cohort = cohort_for(model, args.cuts, LoraSpec(seed=seed), arms)
-        for name, result in run_rounds(cohort, tokenizer, pairs, arms, args.rounds, args.local_steps, seed).items():
-            arm, lr = name.split(" @ ")
-            got.setdefault((arm, float(lr)), []).append(final(result))
-        print(f"seed {seed} done", flush=True)
-
-    # the rate whose worst seed ends lowest: one that trains well for every seed, not on average
-    best = {arm: min(args.lrs, key=lambda lr, a=arm: max(x for x, _ in got[(a, lr)])) for arm in args.arms}
-    rows = []
-    for arm in args.arms:
-        for lr in args.lrs:
-            losses, exact = zip(*got[(arm, lr)], strict=True)
-            rows.append([arm, f"{lr:g}", f"{statistics.median(losses):.3f}", f"{min(losses):.3f}–{max(losses):.3f}",
-                         f"{statistics.median(exact):g} / {args.facts}", f"{min(exact)}–{max(exact)}",
-                         "**best**" if lr == best[arm] else ""])
-    per = args.facts // args.students
-    seeds = ", ".join(map(str, args.seeds))
-    notes = f"""
-{args.model}, cuts {tuple(args.cuts)}, LoRA r 8 on q_proj and v_proj of the client's blocks (the Bottom's and
-the Top's; the Trunk frozen, as in `full`), AdamW fresh every round. {args.students} students with {per} facts
-each that no other student has; {args.rounds} rounds of {args.local_steps} local steps, each step on a student's
-whole shard; "all the data": one client with all {args.facts} facts, as many steps. Loss: the cross-entropy of
-the answer tokens, in nats per token, averaged over the {args.facts} facts, after the last round; exact: facts
-whose greedy answer is right. Median and range over seeds {seeds} (each seed: its own shuffle of the answers and
-its own LoRA init). Best: the lowest worst-seed loss (the largest of the range), a rate that trains every
-seed. All arms of a seed trained side by side in one
-`splitkit.federated.cohort.Cohort`.
-"""
+    cuts = tuple(args.cuts)
+    chosen, got = tune(model, tokenizer, cuts, args.tune_seeds, {n: GRIDS[n] for n in args.arms}, SERVER_LRS)
+    reported = {seed: report(model, tokenizer, cuts, seed, chosen) for seed in args.report_seeds}
+    minutes = (time.perf_counter() - t0) / 60
     out = Path(args.out) if args.out else RESULTS
-    write_table("federated", "Split federation: each way of training at each learning rate",
-                ["arm", "lr", "loss, median", "loss, range", "exact, median", "exact, range", ""], rows, notes, out=out)
-    chosen = {"best_lr": best, "rule": "the lowest loss of the worst seed", "seeds": args.seeds, "lrs": args.lrs}
-    (out / "federated.json").write_text(json.dumps(chosen, indent=1) + "\n")
+    write(out, args, chosen, got, reported, minutes)
+
+
+def spread(values, fmt="{:.2f}") -> str:
+    return f"{fmt.format(statistics.median(values))} ({fmt.format(min(values))}–{fmt.format(max(values))})"
+
+
+def write(out: Path, args, chosen: dict, got: dict, reported: dict, minutes: float):
+    seeds = list(reported)
+    rows = []
+    for n in [*args.arms, FEDAVGM]:
+        a = [reported[s]["arms"][n] for s in seeds]
+        lr = f"{chosen['FedAvg']:g}, server {chosen[FEDAVGM]:g}" if n == FEDAVGM else f"{chosen[n]:g}"
+        drift = [statistics.mean(x["drift"]) for x in a if x["drift"]]
+        rows.append([n, lr, spread([x["loss"] for x in a]), spread([x["exact"] for x in a], "{:g}"),
+                     spread([x["natural"] for x in a]), spread(drift) if drift else "–"])
+    start = [reported[s]["start"] for s in seeds]
+    grid = ["| arm | rate | worst-seed loss | loss, median | exact of 8, median (range) |  |",
+            "|---|---|---|---|---|---|"]
+    for n, lr in sorted(got, key=lambda k: (list(ARMS).index(k[0]) if k[0] in ARMS else 99, k[1])):
+        losses, exact = zip(*got[(n, lr)], strict=True)
+        ends = (min(r for m, r in got if m == n), max(r for m, r in got if m == n))
+        mark = ("**chosen**" + (", an end of the grid" if lr in ends else "")) if chosen[n] == lr else ""
+        grid.append(f"| {n} | {lr:g} | {max(losses):.3f} | {statistics.median(losses):.3f} | "
+                    f"{statistics.median(exact):g} ({min(exact)}–{max(exact)}) | {mark} |")
+    leak = ["| seed | revealed in round 1 | in round 6 | in any round | gradient matching, round 1: facts (answers) "
+            "| others' facts the last average answers |", "|---|---|---|---|---|---|"]
+    for s in seeds:
+        L = reported[s]["leaks"]
+        m = L["matched"]
+        leak.append(f"| {s} | {sum(L['revealed'][1].values())} / 8 | {sum(L['revealed'][ROUNDS].values())} / 8 | "
+                    f"{sum(L['revealed_any'].values())} / 8 | {sum(x['facts'] for x in m.values())} / 8 "
+                    f"({sum(x['answers'] for x in m.values())}) | "
+                    f"{', '.join(str(v) for v in L['classmates'].values())} of 6 |")
+    tuned, held = ", ".join(map(str, args.tune_seeds)), ", ".join(map(str, seeds))
+    notes = f"""
+Reported on seeds {held}, every arm at the rate chosen on seeds {tuned}: median (range) over the seeds.
+{args.model}, cuts {tuple(args.cuts)}, LoRA r 8 on q_proj and v_proj of the client's blocks (the Trunk frozen, as
+in `full`). 4 students, 2 facts each that no other student has; 6 rounds of 2 local
+steps on a student's whole shard, AdamW fresh every round (kept in "Adam kept"); "all the data": one client with
+all 8 facts, as many steps. Loss: cross-entropy of the answer tokens, nats per token, after the last round, on all 8
+facts (alone: each student on its own 2, averaged); exact: facts whose every answer token is the model's argmax
+(alone: students' own). Natural text: the loss on 16 plain sentences, {spread([x['natural'] for x in start])} at the
+start. Drift: the spread of the students' moves of B·A over their mean's norm, mean over rounds (√3 ≈ 1.73: unrelated
+moves of equal size). The start: loss {spread([x['loss'] for x in start])}, exact
+{spread([x['exact'] for x in start], '{:g}')}.
+FedAvgM: Flower's strategy, server momentum 0, at FedAvg's client rate. The whole run took {minutes:.0f} min.
+
+#### Tuning (seeds {tuned}): each arm's grid, the chosen rate inside it
+
+The rule: the lowest loss of the worst seed. FedAvgM's rate is the server's (1 is FedAvg).
+
+{chr(10).join(grid)}
+
+#### What the FedAvg arm leaks (seeds {held}), summed over its 4 students
+
+Revealed: a student's own facts its LoRA answers exactly and the average it started that round from did not (what
+the aggregator learns by asking the {len(COLOURS)} colours' questions under it). Gradient matching: the aggregator
+computes each (question, colour)'s gradient at the LoRA it sent and picks the pairs whose signs the student's
+round-1 update follows (`splitkit.federated.leaks.gradient_match`); a blind guess of 2 pairs per student names
+1/8 of a fact in all, on average.
+Classmates: facts of the other students that the last average, which every student receives, answers.
+
+{chr(10).join(leak)}
+"""
+    write_table("federated", "Split federation, out of sample: each arm at its tuned rate on held-out seeds",
+                ["arm", "rate", "loss", "exact of 8", "natural text loss", "drift"], rows, notes, out=out)
+    (out / "federated.json").write_text(json.dumps(
+        {"chosen": chosen, "rule": "the lowest loss of the worst tuning seed", "tune_seeds": args.tune_seeds,
+         "report_seeds": seeds, "grids": {n: sorted(lr for m, lr in got if m == n) for n in chosen},
+         "tuning": {n: {f"{lr:g}": got[(n, lr)] for m, lr in sorted(got) if m == n} for n in chosen},
+         "reported": {str(s): r for s, r in reported.items()}}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,29 @@ def test_privacy_bench_measures_each_defence_against_the_strongest_of_its_attack
     assert [r[0] for r in sweep] == ["1", "3"] and all(r[1] == "100%" and r[2] == "2/2" for r in sweep)
 
 
+def test_federated_bench_tunes_and_reports_on_disjoint_seeds_with_each_rate_inside_its_grid(tmp_path):
+    import json
+
+    text = run("federated.py", "--model", "tiny-llama", "--cuts", "2", "4", "--tune-seeds", "0", "--report-seeds", "1",
+               "--arms", "FedAvg", "alone", out=tmp_path)
+    got = json.loads((tmp_path / "federated.json").read_text())
+    assert got["tune_seeds"] == [0] and got["report_seeds"] == [1]
+    assert set(got["chosen"]) == {"FedAvg", "alone", "FedAvgM"}
+    for arm, lr in got["chosen"].items():  # inside its grid, or the grid grew twice past its ends (4 + 2 rates)
+        grid = got["grids"][arm]
+        assert lr in grid and (grid[0] < lr < grid[-1] or (arm != "FedAvgM" and len(grid) == 6)), (arm, lr, grid)
+    reported = got["reported"]["1"]
+    assert set(reported["arms"]) == {"FedAvg", "alone", "FedAvgM"}
+    assert all(len(a["curve"]) == 6 and 0 <= a["exact"] <= 8 for a in reported["arms"].values())
+    assert len(reported["arms"]["FedAvg"]["drift"]) == 6 and not reported["arms"]["alone"]["drift"]
+    leaks = reported["leaks"]
+    assert set(leaks["matched"]) == {"0", "1", "2", "3"} and all(m["of"] == 2 for m in leaks["matched"].values())
+    assert [r[0] for r in table(text.split("\n\n")[2])] == ["FedAvg", "alone", "FedAvgM"]  # the first table
+    refused = subprocess.run([sys.executable, "federated.py", "--tune-seeds", "0", "1", "--report-seeds", "1"],
+                             cwd=BENCH, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "disjoint" in refused.stderr
+
+
 def test_quiet_bench_reads_exactly_through_a_server_that_answers_zeros_and_the_audit_catches_it(tmp_path):
     text = run("quiet.py", "--model", "tiny-llama", "--cuts", "2", "4", "--steps", "4", "--seeds", "2", "--scales",
                "1", "0", "-1", "--sentences", "2", "--budget", "32", "--fit-tokens", "256", "--share", "0.75",
