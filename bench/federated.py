@@ -31,12 +31,24 @@ from splitkit.core.lora import LoraSpec
 from splitkit.core.models import SMOLLM2
 from splitkit.federated.cohort import Cohort
 from splitkit.federated.leaks import gradient_match, revealed
-from splitkit.federated.study import ARMS, FEDAVGM, ROUNDS, cohort_for, make_arm, outcome, run_rounds, study_facts
+from splitkit.federated.study import (
+    ARMS,
+    FEDAVGM,
+    ROUNDS,
+    Arm,
+    cohort_for,
+    make_arm,
+    outcome,
+    own_shards,
+    run_rounds,
+    study_facts,
+)
 
 GRIDS = {"FedAvg": [2.5e-3, 5e-3, 1e-2, 2e-2], "FedAvg, A frozen": [1e-2, 2e-2, 4e-2, 8e-2],
          "FedAvg, the product": [2.5e-3, 5e-3, 1e-2, 2e-2], "FedAvg, Adam kept": [1.25e-3, 2.5e-3, 5e-3, 1e-2],
          "alone": [2.5e-3, 5e-3, 1e-2, 2e-2], "all the data": [6.25e-4, 1.25e-3, 2.5e-3, 5e-3]}
 SERVER_LRS = [1.0, 2.0, 4.0, 8.0]  # FedAvgM's rate; 1 is FedAvg itself
+SAME_RATE = "FedAvg, Adam kept, FedAvg's rate"  # reported only: the drift control at FedAvg's rate
 
 
 def run(model, tokenizer, cuts, seed: int, arms: list) -> tuple:
@@ -46,15 +58,16 @@ def run(model, tokenizer, cuts, seed: int, arms: list) -> tuple:
     return pairs, cohort, run_rounds(cohort, tokenizer, pairs, arms, ROUNDS, 2)
 
 
-def tune(model, tokenizer, cuts, seeds, grids: dict, server_lrs: list) -> tuple[dict, dict]:
+def tune(model, tokenizer, cuts, seeds, grids: dict, server_lrs: list, got: dict) -> tuple[dict, dict]:
     """{arm: chosen rate}, {(arm, rate): [(loss, exact) per seed]}: first every arm's client rate, then FedAvgM's
-    server rate at FedAvg's chosen client rate (its 1 is FedAvg, measured already)."""
-    got = {}
+    server rate at FedAvg's chosen client rate (its 1 is FedAvg, measured already). `got` holds runs already made."""
 
     def client(todo):
         return [lambda p, n=n, lr=lr: make_arm(n, lr, p) for n, lrs in todo.items() for lr in lrs]
 
     chosen = grow(model, tokenizer, cuts, seeds, grids, got, client)
+    if (FEDAVGM, 1.0) in got and got[(FEDAVGM, 1.0)] != got[("FedAvg", chosen["FedAvg"])]:
+        raise SystemExit("--reuse: FedAvgM's runs were at another FedAvg rate; retune FedAvgM")
     got[(FEDAVGM, 1.0)] = got[("FedAvg", chosen["FedAvg"])]
 
     def server(todo):
@@ -71,7 +84,7 @@ def grow(model, tokenizer, cuts, seeds, grids: dict, got: dict, arms_for) -> dic
     def best(name):
         return min((r for n, r in got if n == name), key=lambda r: max(x for x, _ in got[(name, r)]))
 
-    todo = {name: list(rates) for name, rates in grids.items()}
+    todo = {name: [r for r in rates if (name, r) not in got] for name, rates in grids.items()}
     for growth in range(3):
         for seed in seeds:
             wanted = arms_for(todo)
@@ -97,6 +110,8 @@ def report(model, tokenizer, cuts, seed: int, chosen: dict) -> dict:
     """Every arm at its chosen rate on one held-out seed: scores, natural text, drift; FedAvg's leaks."""
     wanted = [lambda p, n=n: make_arm(n, chosen[n], p) for n in chosen if n != FEDAVGM]
     wanted.append(lambda p: make_arm(FEDAVGM, chosen["FedAvg"], p, chosen[FEDAVGM]))
+    wanted.append(lambda p: Arm(f"{SAME_RATE} @ {chosen['FedAvg']:g}", own_shards(p), lr=chosen["FedAvg"],
+                                keep_adam=True))  # the drift control at FedAvg's own rate
     pairs, cohort, results = run(model, tokenizer, cuts, seed, wanted)
     start = next(iter(next(iter(results.values())).starts[0].values()))  # every arm's LoRA before round 1
     slot = cohort.names[0]
@@ -151,6 +166,9 @@ def main(argv=None):
     p.add_argument("--tune-seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--report-seeds", nargs="+", type=int, default=[3, 4, 5])
     p.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS))
+    p.add_argument("--reuse", default=None, metavar="JSON",
+                   help="take the tuning runs of a federated.json of the same tuning seeds, except --retune's arms")
+    p.add_argument("--retune", nargs="*", default=[], choices=[*ARMS, FEDAVGM])
     p.add_argument("--out", default=None, help="folder for federated.md and federated.json (default: bench/results)")
     args = p.parse_args(argv)
     if set(args.tune_seeds) & set(args.report_seeds):
@@ -161,11 +179,24 @@ def main(argv=None):
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model)
     cuts = tuple(args.cuts)
-    chosen, got = tune(model, tokenizer, cuts, args.tune_seeds, {n: GRIDS[n] for n in args.arms}, SERVER_LRS)
+    got = reused(args) if args.reuse else {}
+    chosen, got = tune(model, tokenizer, cuts, args.tune_seeds, {n: GRIDS[n] for n in args.arms}, SERVER_LRS, got)
     reported = {seed: report(model, tokenizer, cuts, seed, chosen) for seed in args.report_seeds}
     minutes = (time.perf_counter() - t0) / 60
     out = Path(args.out) if args.out else RESULTS
     write(out, args, chosen, got, reported, minutes)
+
+
+def reused(args) -> dict:
+    """{(arm, rate): [(loss, exact) per seed]} of --reuse's tuning, for the arms not retuned (FedAvgM only if FedAvg
+    is not: its runs are at FedAvg's rate)."""
+    old = json.loads(Path(args.reuse).read_text())
+    if old["tune_seeds"] != args.tune_seeds:
+        raise SystemExit(f"--reuse tuned on seeds {old['tune_seeds']}, not {args.tune_seeds}")
+    keep = [n for n in args.arms if n not in args.retune]
+    if FEDAVGM not in args.retune and "FedAvg" in keep:
+        keep.append(FEDAVGM)
+    return {(n, float(rate)): [tuple(x) for x in runs] for n in keep for rate, runs in old["tuning"][n].items()}
 
 
 def spread(values, fmt="{:.2f}") -> str:
@@ -175,9 +206,10 @@ def spread(values, fmt="{:.2f}") -> str:
 def write(out: Path, args, chosen: dict, got: dict, reported: dict, minutes: float):
     seeds = list(reported)
     rows = []
-    for n in [*args.arms, FEDAVGM]:
+    for n in [*args.arms, FEDAVGM, SAME_RATE]:
         a = [reported[s]["arms"][n] for s in seeds]
-        lr = f"{chosen['FedAvg']:g}, server {chosen[FEDAVGM]:g}" if n == FEDAVGM else f"{chosen[n]:g}"
+        lr = {FEDAVGM: f"{chosen['FedAvg']:g}, server {chosen[FEDAVGM]:g}",
+              SAME_RATE: f"{chosen['FedAvg']:g}"}.get(n) or f"{chosen[n]:g}"
         drift = [statistics.mean(x["drift"]) for x in a if x["drift"]]
         rows.append([n, lr, spread([x["loss"] for x in a]), spread([x["exact"] for x in a], "{:g}"),
                      spread([x["natural"] for x in a]), spread(drift) if drift else "–"])
@@ -200,12 +232,16 @@ def write(out: Path, args, chosen: dict, got: dict, reported: dict, minutes: flo
                     f"({sum(x['answers'] for x in m.values())}) | "
                     f"{', '.join(str(v) for v in L['classmates'].values())} of 6 |")
     tuned, held = ", ".join(map(str, args.tune_seeds)), ", ".join(map(str, seeds))
+    reuse = (f" The tuning runs of every arm but {', '.join(args.retune)} are those of an earlier run of this script"
+             f" on the same seeds and code (`--reuse`)." if args.reuse else "")
     notes = f"""
 Reported on seeds {held}, every arm at the rate chosen on seeds {tuned}: median (range) over the seeds.
 {args.model}, cuts {tuple(args.cuts)}, LoRA r 8 on q_proj and v_proj of the client's blocks (the Trunk frozen, as
 in `full`). 4 students, 2 facts each that no other student has; 6 rounds of 2 local
-steps on a student's whole shard, AdamW fresh every round (kept in "Adam kept"); "all the data": one client with
-all 8 facts, as many steps. Loss: cross-entropy of the answer tokens, nats per token, after the last round, on all 8
+steps on a student's whole shard, AdamW fresh every round, as a Flower client gets it (kept in "Adam kept", and by
+the clients on their own, alone and all the data, which have no rounds to restart at); "all the data": one client
+with all 8 facts, as many steps. "{SAME_RATE}": the drift control at FedAvg's rate, not tuned.{reuse}
+Loss: cross-entropy of the answer tokens, nats per token, after the last round, on all 8
 facts (alone: each student on its own 2, averaged); exact: facts whose every answer token is the model's argmax
 (alone: students' own). Natural text: the loss on 16 plain sentences, {spread([x['natural'] for x in start])} at the
 start. Drift: the spread of the students' moves of B·A over their mean's norm, mean over rounds (√3 ≈ 1.73: unrelated

@@ -130,12 +130,13 @@ def test_federated_bench_tunes_and_reports_on_disjoint_seeds_with_each_rate_insi
         grid = got["grids"][arm]
         assert lr in grid and (grid[0] < lr < grid[-1] or (arm != "FedAvgM" and len(grid) == 6)), (arm, lr, grid)
     reported = got["reported"]["1"]
-    assert set(reported["arms"]) == {"FedAvg", "alone", "FedAvgM"}
+    assert set(reported["arms"]) == {"FedAvg", "alone", "FedAvgM", "FedAvg, Adam kept, FedAvg's rate"}
     assert all(len(a["curve"]) == 6 and 0 <= a["exact"] <= 8 for a in reported["arms"].values())
     assert len(reported["arms"]["FedAvg"]["drift"]) == 6 and not reported["arms"]["alone"]["drift"]
     leaks = reported["leaks"]
     assert set(leaks["matched"]) == {"0", "1", "2", "3"} and all(m["of"] == 2 for m in leaks["matched"].values())
-    assert [r[0] for r in table(text.split("\n\n")[2])] == ["FedAvg", "alone", "FedAvgM"]  # the first table
+    assert [r[0] for r in table(text.split("\n\n")[2])] == ["FedAvg", "alone", "FedAvgM",
+                                                             "FedAvg, Adam kept, FedAvg's rate"]  # the first table
     refused = subprocess.run([sys.executable, "federated.py", "--tune-seeds", "0", "1", "--report-seeds", "1"],
                              cwd=BENCH, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "disjoint" in refused.stderr

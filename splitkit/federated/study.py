@@ -64,10 +64,11 @@ class Arm:
         return strategy
 
 
-# The arms of bench/federated.py and notebook 09: name -> Arm options (FedAvgM's server rate comes on its own)
+# The arms of bench/federated.py and notebook 09: name -> Arm options (FedAvgM's server rate comes on its own).
+# A client on its own has no rounds to restart its AdamW at: alone and all the data keep theirs.
 ARMS = {"FedAvg": dict(averaging="ab"), "FedAvg, A frozen": dict(averaging="ab", freeze_a=True),
         "FedAvg, the product": dict(averaging="product"), "FedAvg, Adam kept": dict(averaging="ab", keep_adam=True),
-        "alone": dict(averaging=None), "all the data": dict(averaging=None)}
+        "alone": dict(averaging=None, keep_adam=True), "all the data": dict(averaging=None, keep_adam=True)}
 FEDAVGM = "FedAvgM"
 
 
