@@ -34,6 +34,7 @@ from splitkit.federated.leaks import gradient_match, revealed
 from splitkit.federated.study import (
     ARMS,
     FEDAVGM,
+    LOCAL_STEPS,
     ROUNDS,
     Arm,
     cohort_for,
@@ -55,7 +56,7 @@ def run(model, tokenizer, cuts, seed: int, arms: list) -> tuple:
     pairs = study_facts(seed)
     arms = [a(pairs) for a in arms]
     cohort = cohort_for(model, cuts, LoraSpec(seed=seed), arms)
-    return pairs, cohort, run_rounds(cohort, tokenizer, pairs, arms, ROUNDS, 2)
+    return pairs, cohort, run_rounds(cohort, tokenizer, pairs, arms, ROUNDS, LOCAL_STEPS)
 
 
 def tune(model, tokenizer, cuts, seeds, grids: dict, server_lrs: list, got: dict) -> tuple[dict, dict]:
@@ -131,12 +132,13 @@ def report(model, tokenizer, cuts, seed: int, chosen: dict) -> dict:
         out["arms"][n] = {"lr": result.arm.lr, "server_lr": result.arm.server_lr, "loss": loss, "exact": exact,
                           "curve": curve, "drift": result.drift, "gap": result.gap,
                           "natural": statistics.mean(statistics.mean(s["loss"]) for s in text_loss.values())}
-    out["leaks"] = leaks(cohort, tokenizer, pairs, results[f"FedAvg @ {chosen['FedAvg']:g}"], start)
+    at_start = {key: values[:len(pairs)] for key, values in before.items()}  # the start's scores on the facts
+    out["leaks"] = leaks(cohort, tokenizer, pairs, results[f"FedAvg @ {chosen['FedAvg']:g}"], start, at_start)
     return out
 
 
-def leaks(cohort: Cohort, tokenizer, pairs: list, fed, start: dict) -> dict:
-    """What the FedAvg arm's aggregator and classmates read, per student."""
+def leaks(cohort: Cohort, tokenizer, pairs: list, fed, start: dict, at_start: dict) -> dict:
+    """What the FedAvg arm's aggregator and classmates read, per student (`at_start`: the start's scores)."""
     held = fed.arm.shards
     slots = dict(zip(held, cohort.names, strict=False))  # one adapter per student
     scores = {}  # round -> {student: its LoRA's scores}
@@ -145,8 +147,7 @@ def leaks(cohort: Cohort, tokenizer, pairs: list, fed, start: dict) -> dict:
             cohort.load(slots[k], fed.clients[r][k])
         got = cohort.score(tokenizer, pairs, list(slots.values()))
         scores[r] = {k: got[slots[k]] for k in held}
-    cohort.load(cohort.names[0], start)
-    sent = [cohort.score(tokenizer, pairs, cohort.names[:1])[cohort.names[0]]]  # round 1 starts from `start`
+    sent = [at_start]  # round 1 starts from `start`
     sent += [s["average"] for s in fed.scores[:-1]]  # round r starts from round r − 1's average
     out = {"revealed": {r: revealed(scores[r], sent[r - 1], pairs, held) for r in range(1, ROUNDS + 1)}}
     out["revealed_any"] = {k: sum(any(scores[r][k]["exact"][i] and not sent[r - 1]["exact"][i]

@@ -77,7 +77,7 @@ def gradient_match(cohort, tokenizer, questions: list, start: dict, clients: dic
     their summed gradient is the update's. The guess grows one pair at a time, each the best match with those
     before it, no two on one question, to as many as the student holds (Flower's num-examples tells the
     aggregator). {student: {"guess": [(question, answer)], "facts": right pairs, "answers": right answers,
-    "of": len(held[k])}}."""
+    "of": len(held[k])}}. It loads `start` into the Cohort's first adapters (up to one per candidate)."""
     slots = cohort.names[:len(candidates)]  # one adapter per candidate of a batch: its gradient is that row's
     for slot in slots:
         cohort.load(slot, start)
