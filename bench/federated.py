@@ -26,7 +26,7 @@ from pathlib import Path
 
 from _common import RESULTS, write_table
 from splitkit import load_model
-from splitkit.core.data import COLOURS, natural
+from splitkit.core.data import COLOURS, natural, rephrase
 from splitkit.core.lora import LoraSpec
 from splitkit.core.models import SMOLLM2
 from splitkit.federated.cohort import Cohort
@@ -117,21 +117,28 @@ def report(model, tokenizer, cuts, seed: int, chosen: dict) -> dict:
     start = next(iter(next(iter(results.values())).starts[0].values()))  # every arm's LoRA before round 1
     slot = cohort.names[0]
     cohort.load(slot, start)
-    text = natural(16)
-    before = cohort.score(tokenizer, pairs + text, [slot])[slot]
-    out = {"start": {"loss": statistics.mean(before["loss"][:len(pairs)]), "exact": sum(before["exact"][:len(pairs)]),
-                     "natural": statistics.mean(before["loss"][len(pairs):])}, "arms": {}}
+    text, asked = natural(16), rephrase(pairs)  # asked: every fact in each phrasing never trained on
+    before = cohort.score(tokenizer, pairs + asked + text, [slot])[slot]
+    n_facts, n_asked = len(pairs), len(pairs) + len(asked)
+    out = {"start": {"loss": statistics.mean(before["loss"][:n_facts]), "exact": sum(before["exact"][:n_facts]),
+                     "rephrased": sum(before["exact"][n_facts:n_asked]),
+                     "natural": statistics.mean(before["loss"][n_asked:])}, "arms": {}}
     for name, result in results.items():
         n = name.split(" @ ")[0]
         models = result.averages[-1:] or list(result.clients[ROUNDS].values())
         for i, state in enumerate(models):
             cohort.load(cohort.names[i], state)
-        text_loss = cohort.score(tokenizer, text, cohort.names[:len(models)])
+        got = list(cohort.score(tokenizer, asked + text, cohort.names[:len(models)]).values())
+        # asked[j] is fact j % 8: the federated model is asked every fact, a student alone its own
+        own = [[p in shard for p in pairs] for shard in result.arm.shards.values()] if len(models) > 1 \
+            else [[True] * n_facts]
         curve = [outcome(result, pairs, r) for r in range(ROUNDS)]
         loss, exact = outcome(result, pairs)
         out["arms"][n] = {"lr": result.arm.lr, "server_lr": result.arm.server_lr, "loss": loss, "exact": exact,
                           "curve": curve, "drift": result.drift, "gap": result.gap,
-                          "natural": statistics.mean(statistics.mean(s["loss"]) for s in text_loss.values())}
+                          "rephrased": sum(x for s, mine in zip(got, own, strict=True)
+                                           for j, x in enumerate(s["exact"][:len(asked)]) if mine[j % n_facts]),
+                          "natural": statistics.mean(statistics.mean(s["loss"][len(asked):]) for s in got)}
     at_start = {key: values[:len(pairs)] for key, values in before.items()}  # the start's scores on the facts
     out["leaks"] = leaks(cohort, tokenizer, pairs, results[f"FedAvg @ {chosen['FedAvg']:g}"], start, at_start)
     return out
@@ -213,7 +220,8 @@ def write(out: Path, args, chosen: dict, got: dict, reported: dict, minutes: flo
               SAME_RATE: f"{chosen['FedAvg']:g}"}.get(n) or f"{chosen[n]:g}"
         drift = [statistics.mean(x["drift"]) for x in a if x["drift"]]
         rows.append([n, lr, spread([x["loss"] for x in a]), spread([x["exact"] for x in a], "{:g}"),
-                     spread([x["natural"] for x in a]), spread(drift) if drift else "–"])
+                     spread([x["rephrased"] for x in a], "{:g}"), spread([x["natural"] for x in a]),
+                     spread(drift) if drift else "–"])
     start = [reported[s]["start"] for s in seeds]
     grid = ["| arm | rate | worst-seed loss | loss, median | exact of 8, median (range) |  |",
             "|---|---|---|---|---|---|"]
@@ -233,8 +241,9 @@ def write(out: Path, args, chosen: dict, got: dict, reported: dict, minutes: flo
                     f"({sum(x['answers'] for x in m.values())}) | "
                     f"{', '.join(str(v) for v in L['classmates'].values())} of 6 |")
     tuned, held = ", ".join(map(str, args.tune_seeds)), ", ".join(map(str, seeds))
-    reuse = (f" The tuning runs of every arm but {', '.join(args.retune)} are those of an earlier run of this script"
-             f" on the same seeds and code (`--reuse`)." if args.reuse else "")
+    but = f" of every arm but {', '.join(args.retune)}" if args.retune else ""
+    reuse = (f" The tuning runs{but} are those of an earlier run of this script on the same seeds and code"
+             f" (`--reuse`)." if args.reuse else "")
     notes = f"""
 Reported on seeds {held}, every arm at the rate chosen on seeds {tuned}: median (range) over the seeds.
 {args.model}, cuts {tuple(args.cuts)}, LoRA r 8 on q_proj and v_proj of the client's blocks (the Trunk frozen, as
@@ -244,10 +253,12 @@ the clients on their own, alone and all the data, which have no rounds to restar
 with all 8 facts, as many steps. "{SAME_RATE}": the drift control at FedAvg's rate, not tuned.{reuse}
 Loss: cross-entropy of the answer tokens, nats per token, after the last round, on all 8
 facts (alone: each student on its own 2, averaged); exact: facts whose every answer token is the model's argmax
-(alone: students' own). Natural text: the loss on 16 plain sentences, {spread([x['natural'] for x in start])} at the
-start. Drift: the spread of the students' moves of B·A over their mean's norm, mean over rounds (√3 ≈ 1.73: unrelated
-moves of equal size). The start: loss {spread([x['loss'] for x in start])}, exact
-{spread([x['exact'] for x in start], '{:g}')}.
+(alone: students' own). Rephrased: the same 8 facts asked in two phrasings never trained on
+(`splitkit.core.data.REPHRASED`), exact as above, 16 questions (alone: each student its own 4);
+{spread([x['rephrased'] for x in start], '{:g}')} at the start; the tuning rule does not see them. Natural text:
+the loss on 16 plain sentences, {spread([x['natural'] for x in start])} at the start. Drift: the spread of the
+students' moves of B·A over their mean's norm, mean over rounds (√3 ≈ 1.73: unrelated moves of equal size).
+The start: loss {spread([x['loss'] for x in start])}, exact {spread([x['exact'] for x in start], '{:g}')}.
 FedAvgM: Flower's strategy, server momentum 0, at FedAvg's client rate. The whole run took {minutes:.0f} min.
 
 #### Tuning (seeds {tuned}): each arm's grid, the chosen rate inside it
@@ -268,7 +279,8 @@ Classmates: facts of the other students that the last average, which every stude
 {chr(10).join(leak)}
 """
     write_table("federated", "Split federation, out of sample: each arm at its tuned rate on held-out seeds",
-                ["arm", "rate", "loss", "exact of 8", "natural text loss", "drift"], rows, notes, out=out)
+                ["arm", "rate", "loss", "exact of 8", "rephrased, exact of 16", "natural text loss", "drift"], rows,
+                notes, out=out)
     (out / "federated.json").write_text(json.dumps(
         {"chosen": chosen, "rule": "the lowest loss of the worst tuning seed", "tune_seeds": args.tune_seeds,
          "report_seeds": seeds, "grids": {n: sorted(lr for m, lr in got if m == n) for n in chosen},

@@ -78,3 +78,17 @@ def test_a_model_without_a_chat_template_gets_the_plain_prompt(tokenizer):
     from splitkit.training.datafiles import chat_pairs
 
     assert chat_pairs(tokenizer, [("2+2=", "4")]) == [("2+2=", " 4")]
+
+
+def test_the_kits_facts_rephrased_ask_each_place_for_its_own_answer_in_words_never_trained_on():
+    from splitkit.core.data import REPHRASED, facts, rephrase
+
+    pairs = facts("colour", 4, seed=3)
+    asked = rephrase(pairs)
+    assert len(asked) == len(REPHRASED["colour"]) * 4
+    trained = {p for p, _ in pairs}
+    for j, (prompt, answer) in enumerate(asked):
+        place = pairs[j % 4][0].split("flag of ")[1].rstrip("?\nA:")
+        assert place in prompt and prompt not in trained and answer == pairs[j % 4][1]
+    with pytest.raises(ValueError, match="not a 'colour' fact"):
+        rephrase(facts("animal", 1))

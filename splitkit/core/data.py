@@ -20,6 +20,11 @@ TEMPLATES = {
     "colour": ("Q: What colour is the flag of {place}?\nA:", COLOURS),
     "animal": ("Q: Which animal is the symbol of {place}?\nA:", ANIMALS),
 }
+# The same questions in words never trained on: a fact answered here was learned, not only its sentence memorised.
+REPHRASED = {
+    "colour": ("Q: Which colour is {place}'s flag?\nA:", "Q: The flag of {place} is what colour?\nA:"),
+    "animal": ("Q: What animal stands for {place}?\nA:", "Q: The symbol of {place} is which animal?\nA:"),
+}
 
 
 # Plain sentences of common knowledge, which the pretrained model reads well: its loss on them before and after
@@ -44,6 +49,18 @@ def facts(kind: str = "colour", n: int = 16, seed: int = 0) -> list[tuple[str, s
     template, answers = TEMPLATES[kind]
     answers = random.Random(seed).sample(answers, k=len(answers))
     return [(template.format(place=p), " " + a) for p, a in zip(PLACES[:n], answers, strict=False)]
+
+
+def rephrase(pairs, kind: str = "colour") -> list[tuple[str, str]]:
+    """The facts `pairs` (of `facts(kind)`) asked in each phrasing of REPHRASED[kind] in turn: len(REPHRASED[kind])
+    times as many pairs, the answers unchanged."""
+    head, tail = TEMPLATES[kind][0].split("{place}")
+    places = []
+    for prompt, _ in pairs:
+        if not (prompt.startswith(head) and prompt.endswith(tail)):
+            raise ValueError(f"not a {kind!r} fact: {prompt!r}")
+        places.append(prompt[len(head):len(prompt) - len(tail)])
+    return [(t.format(place=p), a) for t in REPHRASED[kind] for p, (_, a) in zip(places, pairs, strict=True)]
 
 
 def encode(tokenizer, pairs, max_len: int | None = None) -> dict:
