@@ -18,8 +18,9 @@ client's LoRA start and noise are secret). Then:
 
     python bench/privacy.py            # writes bench/results/privacy.md and privacy.png
 
-At its defaults the frontier (10 settings, 3 runs each) took 78 minutes on 2 CPU cores, then the sweep over the
-cuts (privacy-cuts.md) a few minutes more; `--sweep-cuts` with no value skips it.
+At its defaults the frontier (10 settings, 3 runs each) takes about an hour on 2 CPU cores (privacy.md's
+"seconds" column: each row's), then the sweep over the cuts (privacy-cuts.md) a few minutes more; `--sweep-cuts`
+with no value skips it.
 """
 
 import argparse
@@ -77,6 +78,7 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
     """One client trained with `defence` through a curious server that keeps every step's h1, then every attack the
     server has on what that client sends next. The client's LoRA start and noise are its secrets; `seed` orders its
     data."""
+    started = time.perf_counter()
     server = CuriousServer(model, (a, b), bind="tcp://127.0.0.1:*")
     address = server.start()
     pairs, held_out = facts(), facts("animal")
@@ -112,38 +114,41 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
                 sends = torch.stack([learner.guard.h1(clean) for _ in range(args.repeats)])  # (n, S, T, d)
     finally:
         server.stop()
-    read = {}
+    read, spent = {}, {"client": time.perf_counter() - started}  # spent: seconds of the client's run, of each attack
+    clock = [time.perf_counter()]
 
-    def score(name, got):
+    def score(name, got):  # `got`: the attack's reading; its seconds are those since the last attack's end
         read[name] = float(((got == ids) & mask).sum() / mask.sum())
         read[name + " secrets"] = sum(secrets_recovered(tokenizer, SENTENCES[:args.sentences],
                                                         SECRETS[:args.sentences], ids, got)) / len(ids)
+        spent[name], clock[0] = time.perf_counter() - clock[0], time.perf_counter()
 
     # the attacker's adaptive inversion, fitted with noise of its own at the noise of one send
     inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=defence if defence.on else None)[a]
     search = {"inversion": inversion, "defence": defence, "budget": args.budget}
     reading = {**search, "margin": 0.5}  # after training nothing is explained exactly: stop at a clear margin
     score("public", whitebox_sentences(model, bottom, sends[0], mask, **reading))
-    every = observed[(len(observed) - 1) % args.track_every::args.track_every]  # the last step always
-    followed = track(model, (a, b), every, fit_steps=args.fit_steps, margin=0.5, **search)
-    tracked = followed.bottom
-    with torch.no_grad():  # how far the tracked Bottom misses, per coordinate: its residual on the last step less noise
-        residual = float((tracked(followed.ids[-1]) - every[-1]).pow(2).mean())
-    mismatch = max(0.0, residual - defence.h1_sigma(every[-1].shape[-1]) ** 2)
-    score("tracked", whitebox_sentences(model, tracked, sends[0], mask, **reading))
+    if a == args.cuts[0]:  # the tracker at the table's cut (the cut-depth rows: the public search alone)
+        every = observed[(len(observed) - 1) % args.track_every::args.track_every]  # the last step always
+        followed = track(model, (a, b), every, fit_steps=args.fit_steps, margin=0.5, **search)
+        tracked = followed.bottom
+        spent["tracking"], clock[0] = time.perf_counter() - clock[0], time.perf_counter()
+        with torch.no_grad():  # how far the tracked Bottom misses, per coordinate: its residual less noise
+            residual = float((tracked(followed.ids[-1]) - every[-1]).pow(2).mean())
+        mismatch = max(0.0, residual - defence.h1_sigma(every[-1].shape[-1]) ** 2)
+        score("tracked", whitebox_sentences(model, tracked, sends[0], mask, **reading))
     if defence.nopeek:  # it acts through training: the attacker also trains a shadow Bottom the same way
         shadow = shadow_bottom(model, tokenizer, (a, b), defence, args.steps, args.lr, facts("animal"), seed=seed + 1)
         score("shadow", whitebox_sentences(model, shadow, sends[0], mask, **reading))
-    if defence.h1_snr is not None:  # noise: the likelihood, one send and all of them
+    if defence.h1_snr is not None:  # noise: the likelihood of all the sends (06a: one send against twelve)
         several = replace(defence, h1_snr=defence.h1_snr * args.repeats)  # the mean of n sends: n times the SNR
         mean_inv = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=several)[a]
-        score("ML, 1 send", ml_sentences(model, tracked, sends[:1], mask, defence, inversion=inversion,
-                                         mismatch=mismatch))
         score(f"ML, {args.repeats} sends", ml_sentences(model, tracked, sends, mask, defence, inversion=mean_inv,
                                                         mismatch=mismatch))
     score("inversion", linear_read(model, sends[0], inversion, mask))
     return {"train": train_loss, "held": held_loss, "exact": exact, "labels": labels, "natural_before":
-            natural_before, "natural_after": natural_after, "step_s": statistics.median(seconds[1:]), "read": read}
+            natural_before, "natural_after": natural_after, "step_s": statistics.median(seconds[1:]), "read": read,
+            "seconds": spent}
 
 
 def _which(answers, row, start) -> int:
@@ -274,7 +279,9 @@ one server, in turns after a round of warm-up. Median and range over the steps.
             baseline_s = statistics.median(r["step_s"] for r in runs)
         results.append((name, setting, cut, runs))
         print(name, setting, best, {k: round(statistics.median(r["read"][k] for r in runs), 3) for k in attacks},
-              {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0] if k not in ("read", "attack")},
+              {k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]
+               if k not in ("read", "attack", "seconds")},
+              {k: round(statistics.median(r["seconds"][k] for r in runs)) for k in runs[0]["seconds"]},
               f"{time.perf_counter() - t0:.0f} s", flush=True)
         write_frontier(results, baseline_s, args, (a, b), h1_bound, g2_bound)  # after each row: a partial table
     points = write_frontier(results, baseline_s, args, (a, b), h1_bound, g2_bound)
@@ -302,17 +309,18 @@ def write_frontier(results, baseline_s, args, cuts, h1_bound: float, g2_bound: f
     front = set(pareto(points))
     label_points = [(statistics.median(r["labels"] for r in runs), y) for (*_, runs), (_, y) in zip(results, points,
                                                                                                   strict=True)]
-    shown = ["public", "tracked", "shadow", "ML, 1 send", f"ML, {args.repeats} sends", "inversion"]
+    shown = ["public", "tracked", "shadow", f"ML, {args.repeats} sends", "inversion"]
     table = []
     for i, (name, setting, cut, runs) in enumerate(results):
-        col = {k: [r[k] for r in runs] for k in runs[0] if k not in ("read", "attack")}
+        col = {k: [r[k] for r in runs] for k in runs[0] if k not in ("read", "attack", "seconds")}
+        seconds = sum(sum(r["seconds"].values()) for r in runs)
         reads = [fmt([r["read"][k] for r in runs]) if k in runs[0]["read"] else "" for k in shown]
         natural_loss = f"{fmt(col['natural_before'], False)} → {fmt(col['natural_after'], False)}"
         step = f"{statistics.median(col['step_s']) / baseline_s:.2f}×" if baseline_s else "-"
         strongest = f"**{fmt(col['strongest'])}** ({runs[0]['attack']})"
         table.append([name, setting, cut, len(runs), fmt(col["train"], False), fmt(col["exact"]),
                       fmt(col["held"], False), natural_loss, *reads, strongest,
-                      fmt(col["secrets"]), fmt(col["labels"]), step, "yes" if i in front else ""])
+                      fmt(col["secrets"]), fmt(col["labels"]), step, f"{seconds:.0f}", "yes" if i in front else ""])
     notes = f"""
 {args.model}, cuts ({a}, {b}) unless the row says otherwise, `full` mode, {args.steps} steps of 8 of the kit's 16
 facts at lr {args.lr}; {args.seeds} runs a row (median, range in brackets), each with its own data order and with the
@@ -329,20 +337,24 @@ Bottom, at most {args.budget} candidates per position in the order of the invers
 stopping where the nearest is nearer than half the second;
 *tracked*: the same through a Bottom the server fitted to what it saw (`splitkit.privacy.track` on step
 {", ".join(str(i + 1) for i in range((args.steps - 1) % args.track_every, args.steps, args.track_every))} of
-{args.steps}, {args.fit_steps} least-squares steps each read); *shadow* (NoPeek): through a
+{args.steps}, {args.fit_steps} least-squares steps each read; at a = {cuts[0]} only: the cut-depth rows have the public
+search alone, which read more than the tracker at a = 1 and 15 in an earlier run); *shadow* (NoPeek): through a
 Bottom the server trained the same way on other facts;
 *ML* (noise on h1): maximum-likelihood decoding with the public model's prior through the tracked Bottom
 (`splitkit.privacy.ml_decode`, beam 4, 32 + 32 candidates a position and up to 256 where nothing explains h1; the
-tracked Bottom's own residual counted as noise), one send and all of them; *inversion*: the refitted linear
+tracked Bottom's own residual counted as noise), of all {args.repeats} sends (one send against twelve: notebook
+06a); *inversion*: the refitted linear
 inversion alone. **strongest**: the attack with the highest
 median on that row, and its secrets read whole. Each is a lower bound of what such a server reads, for the budgets
 said. Labels: from the last step's dL/dh2 the server picks each row's answer among the task's 16
 (`answer_match`). "Pareto": no other setting beats it on both the strongest read (lower) and exact match (higher).
-Step time: the median step against the undefended run's in the same run.
+Step time: the median step against the undefended run's in the same run. Seconds: the row's runs, training and
+every attack, on this machine; the rows took {sum(sum(sum(r["seconds"].values()) for r in runs)
+                                                   for *_, runs in results) / 60:.0f} minutes.
 """
     columns = ["defence", "setting", "a", "runs", "train loss", "exact match", "held-out loss",
                "natural text loss", *[f"read: {k}" for k in shown], "read: strongest", "secrets", "labels",
-               "step time", "Pareto"]
+               "step time", "seconds", "Pareto"]
     write_table(args.name, "Privacy against utility: each defence against the strongest attacker that knows it",
                 columns, table, notes, out=args.out)
     return points, label_points
