@@ -64,7 +64,7 @@ class Cohort:
         batch = encode(tokenizer, rows)
         for name in batches:
             self.optimizers[name].zero_grad(set_to_none=True)
-        logits, labels = self._logits(batch, names)
+        logits, labels = self.logits(batch, names)
         losses = {name: criterion(logits[s], labels[s]) for name, s in spans.items()}
         sum(losses.values()).backward()  # the adapters share no parameter: each gets its own loss's gradient
         for name in batches:
@@ -76,14 +76,14 @@ class Cohort:
         """{name: {"loss": per pair, "exact": per pair}} of each adapter on `pairs`, teacher-forced as
         train.evaluate: exact when every answer token and the end token is the argmax given those before it."""
         batch = encode(tokenizer, pairs * len(names))
-        logits, labels = self._logits(batch, [n for n in names for _ in pairs])
+        logits, labels = self.logits(batch, [n for n in names for _ in pairs])
         hit = ((logits[:, :-1].argmax(-1) == labels[:, 1:]) | (labels[:, 1:] == -100)).all(dim=1)  # (rows,)
         loss = [float(criterion(logits[i:i + 1], labels[i:i + 1])) for i in range(len(labels))]
         n = len(pairs)
         return {name: {"loss": loss[j * n:(j + 1) * n], "exact": hit[j * n:(j + 1) * n].tolist()}
                 for j, name in enumerate(names)}
 
-    def _logits(self, batch: dict, names: list[str]) -> tuple:
+    def logits(self, batch: dict, names: list[str]) -> tuple:
         """The logits of the positions from the one before the first label on, and their labels: the LM head (49,152
         × 576 in SmolLM2) runs only where a loss is taken (transformers' logits_to_keep); the loss is the same."""
         labels = batch["labels"]  # (rows, T)

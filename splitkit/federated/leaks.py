@@ -87,7 +87,7 @@ def gradient_match(cohort, tokenizer, questions: list, start: dict, clients: dic
     for q in questions:
         for i in range(0, len(candidates), len(slots)):
             rows = [(q, c) for c in candidates[i:i + len(slots)]]
-            logits, labels = cohort._logits(encode(tokenizer, rows), slots[:len(rows)])
+            logits, labels = cohort.logits(encode(tokenizer, rows), slots[:len(rows)])
             loss = sum(criterion(logits[j:j + 1], labels[j:j + 1]) for j in range(len(rows)))
             got = torch.autograd.grad(loss, [cohort.params[s][key] for s in slots[:len(rows)] for key in keys],
                                       allow_unused=True)
