@@ -20,7 +20,7 @@ TEMPLATES = {
     "colour": ("Q: What colour is the flag of {place}?\nA:", COLOURS),
     "animal": ("Q: Which animal is the symbol of {place}?\nA:", ANIMALS),
 }
-# The same questions in words never trained on: a fact answered here was learned, not only its sentence memorised.
+# The same questions in other words, never trained on: whether what a model learned carries past its sentences.
 REPHRASED = {
     "colour": ("Q: Which colour is {place}'s flag?\nA:", "Q: The flag of {place} is what colour?\nA:"),
     "animal": ("Q: What animal stands for {place}?\nA:", "Q: The symbol of {place} is which animal?\nA:"),
