@@ -114,14 +114,21 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
                 sends = torch.stack([learner.guard.h1(clean) for _ in range(args.repeats)])  # (n, S, T, d)
     finally:
         server.stop()
-    read, spent = {}, {"client": time.perf_counter() - started}  # spent: seconds of the client's run, of each attack
-    clock = [time.perf_counter()]
+    read, spent = {}, {}  # spent: seconds of the client's run and of each attack
+
+    def lap(name):  # the seconds since the last lap, as `name`'s
+        nonlocal last
+        now = time.perf_counter()
+        spent[name], last = now - last, now
+
+    last = started
+    lap("client")
 
     def score(name, got):  # `got`: the attack's reading; its seconds are those since the last attack's end
         read[name] = float(((got == ids) & mask).sum() / mask.sum())
         read[name + " secrets"] = sum(secrets_recovered(tokenizer, SENTENCES[:args.sentences],
                                                         SECRETS[:args.sentences], ids, got)) / len(ids)
-        spent[name], clock[0] = time.perf_counter() - clock[0], time.perf_counter()
+        lap(name)
 
     # the attacker's adaptive inversion, fitted with noise of its own at the noise of one send
     inversion = fit_inversions(model, [a], n_tokens=args.fit_tokens, defence=defence if defence.on else None)[a]
@@ -132,7 +139,7 @@ def one_run(model, tokenizer, a: int, b: int, defence: Defence, seed: int, args,
         every = observed[(len(observed) - 1) % args.track_every::args.track_every]  # the last step always
         followed = track(model, (a, b), every, fit_steps=args.fit_steps, margin=0.5, **search)
         tracked = followed.bottom
-        spent["tracking"], clock[0] = time.perf_counter() - clock[0], time.perf_counter()
+        lap("tracking")
         with torch.no_grad():  # how far the tracked Bottom misses, per coordinate: its residual less noise
             residual = float((tracked(followed.ids[-1]) - every[-1]).pow(2).mean())
         mismatch = max(0.0, residual - defence.h1_sigma(every[-1].shape[-1]) ** 2)
